@@ -1,0 +1,175 @@
+//! The gateway's configuration: plain data parsed once from flags with env fallbacks
+//! (`TALLY_*`, and OpenFaaS's names where OpenFaaS has the setting).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::names::Namespace;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    /// Each replica is a supervised process in its own cgroup on this machine.
+    Local,
+}
+
+/// Tally gateway: OpenFaaS-compatible functions with in-kernel metering.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "gateway", version, about)]
+pub struct Config {
+    /// Address of the public API (invocations, /system, /metrics, /healthz).
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for state, generated credentials and the provider's records
+    /// [default: /var/lib/tally as root, else ~/.local/share/tally].
+    #[arg(long, env = "TALLY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Which provider runs the functions.
+    #[arg(long, env = "TALLY_PROVIDER", value_enum, default_value = "local")]
+    pub provider: ProviderKind,
+
+    /// Time allowed to read a request's headers and body (seconds or e.g. `1m5s`).
+    #[arg(long, env = "read_timeout", default_value = "60s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
+
+    /// Time allowed to produce a response's head.
+    #[arg(long, env = "write_timeout", default_value = "60s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Time a function may take to answer before the gateway gives up with a 502.
+    #[arg(long, env = "upstream_timeout", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Require HTTP basic auth on /system routes.
+    #[arg(long, env = "basic_auth", default_value_t = true, action = clap::ArgAction::Set)]
+    pub basic_auth: bool,
+
+    /// Directory holding `basic-auth-user` and `basic-auth-password`
+    /// [default: DATA_DIR/secrets, generated on first start].
+    #[arg(long, env = "secret_mount_path")]
+    pub secret_mount_path: Option<PathBuf>,
+
+    /// Default namespace of functions.
+    #[arg(long, env = "function_namespace", default_value = "openfaas-fn")]
+    pub function_namespace: Namespace,
+
+    /// Further namespaces served besides the default one (comma-separated).
+    #[arg(long, env = "TALLY_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<Namespace>,
+
+    /// Hold requests for a function at zero replicas and scale it up.
+    #[arg(long, env = "scale_from_zero", default_value_t = true, action = clap::ArgAction::Set)]
+    pub scale_from_zero: bool,
+
+    /// How long a request waits for a replica to become ready before a 503.
+    #[arg(long, env = "TALLY_READY_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ready_wait: Duration,
+
+    /// Largest request body accepted on invocation routes, in bytes.
+    #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    pub max_body_bytes: u64,
+
+    /// Largest JSON body accepted on /system routes, in bytes.
+    #[arg(long, env = "TALLY_MAX_API_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_api_body_bytes: u64,
+
+    /// Unprivileged user that function processes run as when the gateway runs as root.
+    #[arg(long, env = "TALLY_FUNCTION_USER", default_value = "nobody")]
+    pub function_user: String,
+
+    /// Name of the cgroup directory (under each hierarchy) holding the replicas.
+    #[arg(long, env = "TALLY_CGROUP_PARENT", default_value = "tally")]
+    pub cgroup_parent: String,
+
+    /// Time an http-mode replica has to start listening on its PORT.
+    #[arg(long, env = "TALLY_STARTUP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub startup_timeout: Duration,
+}
+
+impl Config {
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        if nix::unistd::geteuid().is_root() {
+            return PathBuf::from("/var/lib/tally");
+        }
+        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+        home.join(".local/share/tally")
+    }
+
+    /// Every namespace served, the default first.
+    pub fn all_namespaces(&self) -> Vec<Namespace> {
+        let mut all = vec![self.function_namespace.clone()];
+        for ns in &self.namespaces {
+            if !all.contains(ns) {
+                all.push(ns.clone());
+            }
+        }
+        all
+    }
+}
+
+/// Parses a bare integer (seconds) or a Go-style duration such as `1m5s`, `500ms`, `1.5s`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let bad = || format!("invalid duration {value:?}: use seconds (30) or units like 1m5s, 500ms");
+    let mut total = 0f64;
+    let mut rest = v;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let num: f64 = rest[..num_end].parse().map_err(|_| bad())?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        total += num * scale;
+        rest = &rest[unit_end..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_openfaas_forms() {
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1m5s"), Ok(Duration::from_secs(65)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let c = Config::try_parse_from(["gateway"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(c.function_namespace.as_str(), "openfaas-fn");
+    }
+}

@@ -1,0 +1,76 @@
+//! Routing: which handler answers which path, with basic auth in front of /system.
+//! Every error becomes its response here, in one place.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use super::body::{Body, full};
+use super::{invoke, system};
+use crate::Gateway;
+use crate::error::GatewayError;
+
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let result = route(&gw, req, &path, remote).await;
+    result.unwrap_or_else(GatewayError::into_response)
+}
+
+async fn route(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    path: &str,
+    remote: SocketAddr,
+) -> Result<Response<Body>, GatewayError> {
+    if let Some(rest) = path.strip_prefix("/function/") {
+        return invoke::invoke(gw, req, rest, remote).await;
+    }
+    if path.starts_with("/async-function/") {
+        return Err(GatewayError::NotImplemented(
+            "async invocations need the NATS queue-worker, which this build does not have yet"
+                .into(),
+        ));
+    }
+    if let Some(rest) = path.strip_prefix("/system/") {
+        if gw.config.basic_auth {
+            let header = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            let ok = gw
+                .credentials
+                .as_ref()
+                .is_some_and(|c| c.check_header(header));
+            if !ok {
+                return Err(GatewayError::Unauthorized);
+            }
+        }
+        return system::route(gw, req, rest).await;
+    }
+    match (path, req.method()) {
+        ("/healthz", &Method::GET | &Method::HEAD) => Ok(text(StatusCode::OK, "OK\n")),
+        ("/metrics", &Method::GET) => {
+            gw.refresh_service_counts();
+            let mut r = Response::new(full(gw.metrics.render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(r)
+        }
+        ("/healthz" | "/metrics", m) => Err(GatewayError::MethodNotAllowed(m.clone())),
+        _ => Err(GatewayError::NotFound(format!("no route for {path}"))),
+    }
+}
+
+pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r
+}

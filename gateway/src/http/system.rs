@@ -1,0 +1,304 @@
+//! The authenticated /system API: deploy, update, delete, list, describe, scale,
+//! namespaces, info, logs, and the replica map the node agent reads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::body::{Body, BoxError, full, parse_json, read_limited};
+use super::router::text;
+use crate::Gateway;
+use crate::error::GatewayError;
+use crate::logs::Filter;
+use crate::names::{FunctionName, FunctionRef, Namespace};
+use crate::types::{DeleteRequest, FunctionDeployment, ScaleRequest};
+
+pub async fn route(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    rest: &str,
+) -> Result<Response<Body>, GatewayError> {
+    let query = Query::parse(req.uri().query());
+    let method = req.method().clone();
+    match (rest, &method) {
+        ("functions", &Method::GET) => list(gw, &query),
+        ("functions", &Method::POST) => {
+            let d: FunctionDeployment = read_json(gw, req).await?;
+            gw.provider.deploy(d).await?;
+            Ok(accepted())
+        }
+        ("functions", &Method::PUT) => {
+            let d: FunctionDeployment = read_json(gw, req).await?;
+            gw.provider.update(d).await?;
+            Ok(accepted())
+        }
+        ("functions", &Method::DELETE) => {
+            let d: DeleteRequest = read_json(gw, req).await?;
+            let namespace = match d.namespace {
+                Some(ns) => ns,
+                None => query.namespace(gw)?,
+            };
+            let f = FunctionRef {
+                namespace,
+                name: d.function_name,
+            };
+            gw.provider.delete(&f).await?;
+            Ok(accepted())
+        }
+        ("namespaces", &Method::GET) => {
+            let names: Vec<String> = gw
+                .provider
+                .namespaces()
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            Ok(json(StatusCode::OK, &names))
+        }
+        ("info", &Method::GET) => Ok(json(StatusCode::OK, &info(gw))),
+        ("logs", &Method::GET) => logs(gw, &query),
+        ("replicas", &Method::GET) => Ok(json(StatusCode::OK, &gw.provider.replicas())),
+        ("alert", &Method::POST) => Err(GatewayError::NotImplemented(
+            "alert-driven scaling arrives with the autoscaler; this build does not have it yet"
+                .into(),
+        )),
+        ("secrets", _) => Err(GatewayError::NotImplemented(
+            "secrets are not supported by the local provider yet".into(),
+        )),
+        ("functions" | "namespaces" | "info" | "logs" | "replicas" | "alert", m) => {
+            Err(GatewayError::MethodNotAllowed(m.clone()))
+        }
+        _ => {
+            if let Some(name) = rest.strip_prefix("function/") {
+                if method != Method::GET {
+                    return Err(GatewayError::MethodNotAllowed(method));
+                }
+                return describe(gw, name, &query).await;
+            }
+            if let Some(name) = rest.strip_prefix("scale-function/") {
+                if method != Method::POST {
+                    return Err(GatewayError::MethodNotAllowed(method));
+                }
+                return scale(gw, name, &query, req).await;
+            }
+            Err(GatewayError::NotFound(format!(
+                "no route for /system/{rest}"
+            )))
+        }
+    }
+}
+
+fn list(gw: &Gateway, query: &Query) -> Result<Response<Body>, GatewayError> {
+    let ns = query.namespace(gw)?;
+    let mut all = gw.provider.list(&ns)?;
+    for f in &mut all {
+        f.invocation_count = gw
+            .metrics
+            .invocation_count(&format!("{}.{}", f.name, f.namespace));
+    }
+    Ok(json(StatusCode::OK, &all))
+}
+
+async fn describe(gw: &Gateway, name: &str, query: &Query) -> Result<Response<Body>, GatewayError> {
+    let f = FunctionRef {
+        name: FunctionName::new(name)?,
+        namespace: query.namespace(gw)?,
+    };
+    let mut status = gw.provider.get(&f)?;
+    status.invocation_count = gw.metrics.invocation_count(&f.metric_label());
+    if query.flag("usage") {
+        status.usage = Some(gw.provider.usage(&f).await?);
+    }
+    Ok(json(StatusCode::OK, &status))
+}
+
+async fn scale(
+    gw: &Gateway,
+    name: &str,
+    query: &Query,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    let name = FunctionName::new(name)?;
+    let body: ScaleRequest = read_json(gw, req).await?;
+    if let Some(service) = body.service_name.as_deref().filter(|s| !s.is_empty()) {
+        if service != name.as_str() {
+            return Err(GatewayError::BadRequest(format!(
+                "serviceName {service:?} does not match the function in the path {name:?}"
+            )));
+        }
+    }
+    let namespace = match body.namespace.as_deref().filter(|s| !s.is_empty()) {
+        Some(ns) => Namespace::new(ns)?,
+        None => query.namespace(gw)?,
+    };
+    let f = FunctionRef { namespace, name };
+    gw.provider.scale(&f, body.replicas).await?;
+    Ok(accepted())
+}
+
+fn logs(gw: &Gateway, query: &Query) -> Result<Response<Body>, GatewayError> {
+    let name = query
+        .get("name")
+        .ok_or_else(|| GatewayError::BadRequest("query parameter `name` is required".into()))?;
+    let function = FunctionRef {
+        name: FunctionName::new(name)?,
+        namespace: query.namespace(gw)?,
+    };
+    gw.provider.get(&function)?;
+    let tail = match query.get("tail") {
+        None | Some("") => None,
+        Some(t) => match t.parse::<i64>() {
+            Ok(n) if n < 0 => None,
+            Ok(n) => Some(n as usize),
+            Err(_) => {
+                return Err(GatewayError::BadRequest(format!(
+                    "tail {t:?} must be a whole number"
+                )));
+            }
+        },
+    };
+    let since = match query.get("since").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(
+            DateTime::parse_from_rfc3339(s)
+                .map_err(|e| {
+                    GatewayError::BadRequest(format!("since {s:?} is not an RFC3339 time: {e}"))
+                })?
+                .with_timezone(&Utc),
+        ),
+    };
+    let filter = Filter {
+        function,
+        instance: query
+            .get("instance")
+            .filter(|s| !s.is_empty())
+            .map(String::from),
+        since,
+    };
+    let follow = query.flag("follow");
+    let live = follow.then(|| gw.provider.logs().subscribe());
+    let history = gw.provider.logs().history(&filter, tail);
+    let ndjson = |e: &crate::logs::Entry| {
+        let mut line = serde_json::to_vec(&e.to_line()).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    };
+    let body = match live {
+        None => full(
+            history
+                .iter()
+                .flat_map(|e| ndjson(e).to_vec())
+                .collect::<Vec<u8>>(),
+        ),
+        Some(mut live) => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+            tokio::spawn(async move {
+                for e in &history {
+                    if tx.send(ndjson(e)).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    tokio::select! {
+                        received = live.recv() => match received {
+                            Ok(e) if filter.matches(&e) => {
+                                if tx.send(ndjson(&e)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        },
+                        () = tx.closed() => return,
+                    }
+                }
+            });
+            let stream = ReceiverStream::new(rx).map(|b| Ok::<_, BoxError>(Frame::data(b)));
+            BodyExt::boxed(StreamBody::new(stream))
+        }
+    };
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(r)
+}
+
+fn info(gw: &Gateway) -> serde_json::Value {
+    let (provider, orchestration) = gw.provider.name();
+    let release = env!("CARGO_PKG_VERSION");
+    let sha = option_env!("TALLY_GIT_SHA").unwrap_or("unknown");
+    serde_json::json!({
+        "provider": {
+            "provider": provider,
+            "orchestration": orchestration,
+            "version": {"sha": sha, "release": release},
+        },
+        "version": {"commit_message": "", "sha": sha, "release": release},
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
+    req: Request<Incoming>,
+) -> Result<T, GatewayError> {
+    let bytes = read_limited(
+        req.into_body(),
+        gw.config.max_api_body_bytes,
+        gw.config.read_timeout,
+    )
+    .await?;
+    parse_json(&bytes)
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut r = Response::new(full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn accepted() -> Response<Body> {
+    text(StatusCode::ACCEPTED, "")
+}
+
+/// Query parameters, last value wins.
+struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(raw: Option<&str>) -> Self {
+        Self(
+            form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("1" | "true" | "yes"))
+    }
+
+    /// `?namespace=`, or the default namespace when absent or empty.
+    fn namespace(&self, gw: &Gateway) -> Result<Namespace, GatewayError> {
+        match self.get("namespace").filter(|s| !s.is_empty()) {
+            Some(ns) => Ok(Namespace::new(ns)?),
+            None => Ok(gw.config.function_namespace.clone()),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Tally's gateway: the OpenFaaS-compatible REST API in front of a provider that runs
+//! functions. `main` parses the configuration and calls [`run`]; tests drive it the same way.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod logs;
+pub mod metrics;
+pub mod names;
+pub mod provider;
+pub mod proxy;
+pub mod quantity;
+pub mod types;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::auth::Credentials;
+use crate::config::{Config, ProviderKind};
+use crate::metrics::Metrics;
+use crate::provider::Provider;
+use crate::provider::local::{LocalOptions, LocalProvider};
+
+/// What every request handler shares: configuration plus the live handles.
+pub struct Gateway {
+    pub config: Config,
+    pub provider: Arc<dyn Provider>,
+    pub metrics: Metrics,
+    pub credentials: Option<Credentials>,
+    pub client: proxy::http::HttpClient,
+}
+
+impl Gateway {
+    /// Sets `gateway_service_count` from the provider's desired replica counts.
+    pub fn refresh_service_counts(&self) {
+        self.metrics.service_count.reset();
+        for ns in self.provider.namespaces() {
+            for f in self.provider.list(&ns).unwrap_or_default() {
+                self.metrics
+                    .service_count
+                    .with_label_values(&[&format!("{}.{}", f.name, f.namespace)])
+                    .set(i64::try_from(f.replicas).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("provider: {0}")]
+    Provider(#[from] provider::ProviderError),
+    #[error("creating data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+}
+
+/// Where the admin credentials came from, for the start-up banner.
+#[derive(Debug, Clone)]
+pub struct CredentialSource {
+    pub dir: PathBuf,
+    pub generated: bool,
+}
+
+/// Loads credentials and starts the provider (restoring deployed functions).
+pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSource>), StartError> {
+    let data_dir = config.data_dir();
+    std::fs::create_dir_all(&data_dir).map_err(|e| StartError::DataDir(data_dir.clone(), e))?;
+    let (credentials, source) = if !config.basic_auth {
+        (None, None)
+    } else if let Some(dir) = &config.secret_mount_path {
+        let c = Credentials::load(dir)?;
+        (
+            Some(c),
+            Some(CredentialSource {
+                dir: dir.clone(),
+                generated: false,
+            }),
+        )
+    } else {
+        let dir = data_dir.join("secrets");
+        let (c, generated) = Credentials::load_or_generate(&dir)?;
+        (Some(c), Some(CredentialSource { dir, generated }))
+    };
+    let provider: Arc<dyn Provider> = match config.provider {
+        ProviderKind::Local => Arc::new(
+            LocalProvider::start(LocalOptions {
+                data_dir: data_dir.clone(),
+                cgroup_parent: config.cgroup_parent.clone(),
+                function_user: config.function_user.clone(),
+                namespaces: config.all_namespaces(),
+                startup_timeout: config.startup_timeout,
+                drain_timeout: config.write_timeout,
+            })
+            .await?,
+        ),
+    };
+    let gw = Arc::new(Gateway {
+        config,
+        provider,
+        metrics: Metrics::new(),
+        credentials,
+        client: proxy::http::client(),
+    });
+    Ok((gw, source))
+}
+
+/// Serves until `shutdown` resolves, then drains connections and stops the replicas.
+pub async fn run(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    http::server::serve(gw, listener, shutdown).await;
+}

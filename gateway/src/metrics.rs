@@ -1,0 +1,136 @@
+//! The gateway's Prometheus metrics, named and labelled exactly as OpenFaaS's
+//! (spec section 7: `function_name` is always `fn.namespace`).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub started: IntCounterVec,
+    pub completed: IntCounterVec,
+    pub seconds: HistogramVec,
+    pub service_count: IntGaugeVec,
+    pub inflight: IntGaugeVec,
+    /// Tally: scale-from-zero scale calls made (one per burst of held requests).
+    pub scale_from_zero: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let started = IntCounterVec::new(
+            Opts::new(
+                "gateway_function_invocation_started_total",
+                "Invocations started (counted before forwarding)",
+            ),
+            &["function_name"],
+        )
+        .expect("valid metric");
+        let completed = IntCounterVec::new(
+            Opts::new(
+                "gateway_function_invocation_total",
+                "Invocations completed, by upstream status code",
+            ),
+            &["function_name", "code"],
+        )
+        .expect("valid metric");
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_functions_seconds",
+                "Invocation duration in seconds",
+            ),
+            &["function_name", "code"],
+        )
+        .expect("valid metric");
+        let service_count = IntGaugeVec::new(
+            Opts::new("gateway_service_count", "Desired replicas of each function"),
+            &["function_name"],
+        )
+        .expect("valid metric");
+        let inflight = IntGaugeVec::new(
+            Opts::new(
+                "gateway_function_invocation_inflight",
+                "Invocations in flight",
+            ),
+            &["function_name"],
+        )
+        .expect("valid metric");
+        let scale_from_zero = IntCounter::new(
+            "gateway_scale_from_zero_total",
+            "Scale calls made to bring a function up from zero replicas",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(started.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(completed.clone()),
+            Box::new(seconds.clone()),
+            Box::new(service_count.clone()),
+            Box::new(inflight.clone()),
+            Box::new(scale_from_zero.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Self {
+            registry,
+            started,
+            completed,
+            seconds,
+            service_count,
+            inflight,
+            scale_from_zero,
+        }
+    }
+
+    /// `sum(gateway_function_invocation_total) by (function_name)` for one function.
+    pub fn invocation_count(&self, function_label: &str) -> f64 {
+        use prometheus::core::Collector;
+        self.completed
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "function_name" && l.value() == function_label)
+            })
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invocation_count_sums_codes() {
+        let m = Metrics::new();
+        m.completed.with_label_values(&["a.ns", "200"]).inc_by(3);
+        m.completed.with_label_values(&["a.ns", "500"]).inc();
+        m.completed.with_label_values(&["b.ns", "200"]).inc();
+        assert_eq!(m.invocation_count("a.ns"), 4.0);
+        assert_eq!(m.invocation_count("c.ns"), 0.0);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(
+                "gateway_function_invocation_total{code=\"500\",function_name=\"a.ns\"} 1"
+            )
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! Starting function processes: as the unprivileged function user when the gateway is
+//! root, in their own process group, and moved into the replica's cgroups before exec.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::unistd::{Gid, Uid, User};
+
+/// The identity function processes run as.
+#[derive(Debug, Clone, Copy)]
+pub struct RunAs {
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+impl RunAs {
+    /// `user` when the gateway runs as root; `None` (stay as we are) otherwise.
+    pub fn resolve(user: &str) -> Result<Option<Self>, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        let found = User::from_name(user)
+            .map_err(|e| format!("looking up function user {user:?}: {e}"))?
+            .ok_or_else(|| format!("function user {user:?} does not exist"))?;
+        if found.uid.is_root() {
+            return Err(format!(
+                "function user {user:?} is root: function processes never run as root"
+            ));
+        }
+        Ok(Some(Self {
+            uid: found.uid,
+            gid: found.gid,
+        }))
+    }
+}
+
+/// PATH given to function processes.
+pub const FUNCTION_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Finds `program` the way exec will: a path relative to `cwd`, a bare name on
+/// [`FUNCTION_PATH`].
+pub fn resolve_program(program: &str, cwd: &Path) -> Option<PathBuf> {
+    let is_executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = cwd.join(program);
+        return is_executable(&p).then_some(p);
+    }
+    FUNCTION_PATH
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| is_executable(p))
+}
+
+/// Builds the command for `argv` with a clean environment of `env`.
+pub fn command<I, K, V>(
+    argv: &[String],
+    cwd: &Path,
+    env: I,
+    run_as: Option<RunAs>,
+    cgroup_procs: Arc<Vec<OwnedFd>>,
+) -> tokio::process::Command
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env("PATH", FUNCTION_PATH)
+        .envs(env)
+        .current_dir(cwd)
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(who) = run_as {
+        cmd.uid(who.uid.as_raw()).gid(who.gid.as_raw());
+    }
+    if !cgroup_procs.is_empty() {
+        let fds: Vec<i32> = cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: the closure runs in the child between fork and exec. It only calls
+        // write(2), which is async-signal-safe, on descriptors the parent opened and keeps
+        // open (`cgroup_procs` is owned by the replica and outlives the spawn call), and it
+        // allocates nothing: `fds` was built in the parent. Writing "0" to cgroup.procs
+        // moves the calling process; the kernel checks the opener's (root's) credentials.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    let msg = b"0\n";
+                    if libc::write(fd, msg.as_ptr().cast(), msg.len()) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}

@@ -1,0 +1,7 @@
+//! Idempotent installation of what the stack and the tests need.
+
+use anyhow::Result;
+
+pub fn ensure_all() -> Result<()> {
+    Ok(())
+}
