@@ -69,6 +69,10 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if matches!(self, Self::PayloadTooLarge(_) | Self::RequestTimeout(_)) {
+            // The rest of the body is not read: the connection cannot be reused.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if matches!(self, Self::Unauthorized) {
             headers.insert(
                 header::WWW_AUTHENTICATE,

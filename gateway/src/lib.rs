@@ -32,6 +32,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub credentials: Option<Credentials>,
     pub client: proxy::http::HttpClient,
+    /// Turns true when the gateway starts shutting down (ends log follows, ...).
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Gateway {
@@ -47,6 +49,12 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Resolves once the flag turns true (or its sender is gone).
+pub(crate) async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, before any await.
+    let _ = flag.wait_for(|v| *v).await.map(|_| ());
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +113,7 @@ pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSou
         metrics: Metrics::new(),
         credentials,
         client: proxy::http::client(),
+        stopping: tokio::sync::watch::channel(false).0,
     });
     Ok((gw, source))
 }

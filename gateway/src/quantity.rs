@@ -35,7 +35,7 @@ pub fn parse_memory(value: &str) -> Result<u64, QuantityError> {
         _ => return Err(err("unknown suffix (use Ki, Mi, Gi, k, M or G)")),
     };
     let bytes = num * mult;
-    if !bytes.is_finite() || bytes < 4096.0 || bytes > 1e15 {
+    if !bytes.is_finite() || !(4096.0..=1e15).contains(&bytes) {
         return Err(err("must be between 4Ki and 1P"));
     }
     Ok(bytes as u64)

@@ -43,13 +43,13 @@ pub async fn invoke(
         None => (rest, "/"),
     };
     let function = FunctionRef::parse_qualified(name, &gw.config.function_namespace)?;
-    if let Some(len) = content_length(&req) {
-        if len > gw.config.max_body_bytes {
-            return Err(GatewayError::PayloadTooLarge(format!(
-                "request body of {len} bytes is larger than the limit of {} bytes",
-                gw.config.max_body_bytes
-            )));
-        }
+    if let Some(len) = content_length(&req)
+        && len > gw.config.max_body_bytes
+    {
+        return Err(GatewayError::PayloadTooLarge(format!(
+            "request body of {len} bytes is larger than the limit of {} bytes",
+            gw.config.max_body_bytes
+        )));
     }
     let call_id = headers::call_id(req.headers());
     let label = function.metric_label();

@@ -56,6 +56,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
     }
     drop(listener);
     tracing::info!("shutting down: draining connections");
+    gw.stopping.send_replace(true);
     if tokio::time::timeout(gw.config.write_timeout, graceful.shutdown())
         .await
         .is_err()

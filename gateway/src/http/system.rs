@@ -126,12 +126,12 @@ async fn scale(
 ) -> Result<Response<Body>, GatewayError> {
     let name = FunctionName::new(name)?;
     let body: ScaleRequest = read_json(gw, req).await?;
-    if let Some(service) = body.service_name.as_deref().filter(|s| !s.is_empty()) {
-        if service != name.as_str() {
-            return Err(GatewayError::BadRequest(format!(
-                "serviceName {service:?} does not match the function in the path {name:?}"
-            )));
-        }
+    if let Some(service) = body.service_name.as_deref().filter(|s| !s.is_empty())
+        && service != name.as_str()
+    {
+        return Err(GatewayError::BadRequest(format!(
+            "serviceName {service:?} does not match the function in the path {name:?}"
+        )));
     }
     let namespace = match body.namespace.as_deref().filter(|s| !s.is_empty()) {
         Some(ns) => Namespace::new(ns)?,
@@ -183,6 +183,7 @@ fn logs(gw: &Gateway, query: &Query) -> Result<Response<Body>, GatewayError> {
     };
     let follow = query.flag("follow");
     let live = follow.then(|| gw.provider.logs().subscribe());
+    let mut stopping = gw.stopping.subscribe();
     let history = gw.provider.logs().history(&filter, tail);
     let ndjson = |e: &crate::logs::Entry| {
         let mut line = serde_json::to_vec(&e.to_line()).unwrap_or_default();
@@ -216,6 +217,7 @@ fn logs(gw: &Gateway, query: &Query) -> Result<Response<Body>, GatewayError> {
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                         },
                         () = tx.closed() => return,
+                        () = crate::until_true(&mut stopping) => return,
                     }
                 }
             });

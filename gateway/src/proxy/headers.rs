@@ -44,15 +44,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Prepares the headers of a request going to a function.
 pub fn to_function(headers: &mut HeaderMap, remote: SocketAddr, call_id: &str, start_nanos: u128) {
     strip_hop_by_hop(headers);
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        if let Ok(v) = HeaderValue::from_str(&remote.ip().to_string()) {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
+    if !headers.contains_key(&X_FORWARDED_FOR)
+        && let Ok(v) = HeaderValue::from_str(&remote.ip().to_string())
+    {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Some(host) = headers.get(header::HOST).cloned() {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = headers.get(header::HOST).cloned()
+    {
+        headers.insert(X_FORWARDED_HOST, host);
     }
     set_call_headers(headers, call_id, start_nanos);
 }

@@ -370,10 +370,10 @@ fn remove_tree(dir: &Path, remove_top: bool) -> usize {
             break;
         }
         for pid in pids {
-            if let Ok(raw) = i32::try_from(pid) {
-                if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
-                    killed += 1;
-                }
+            if let Ok(raw) = i32::try_from(pid)
+                && kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok()
+            {
+                killed += 1;
             }
         }
         std::thread::sleep(Duration::from_millis(10));

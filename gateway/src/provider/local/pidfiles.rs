@@ -37,14 +37,12 @@ impl PidFiles {
             let mut parts = text.split_whitespace();
             let pid: Option<u32> = parts.next().and_then(|p| p.parse().ok());
             let start: Option<u64> = parts.next().and_then(|s| s.parse().ok());
-            if let (Some(pid), Some(start)) = (pid, start) {
-                if start_time(pid) == Some(start) {
-                    if let Ok(raw) = i32::try_from(pid) {
-                        if killpg(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
-                            killed += 1;
-                        }
-                    }
-                }
+            if let (Some(pid), Some(start)) = (pid, start)
+                && start_time(pid) == Some(start)
+                && let Ok(raw) = i32::try_from(pid)
+                && killpg(Pid::from_raw(raw), Signal::SIGKILL).is_ok()
+            {
+                killed += 1;
             }
             let _ = fs::remove_file(entry.path());
         }

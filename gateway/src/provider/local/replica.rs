@@ -42,6 +42,8 @@ pub struct Replica {
     message: Mutex<Option<String>>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
+    /// The http-mode supervisor, awaited when the replica retires.
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Replica {
@@ -72,9 +74,11 @@ impl Replica {
             message: Mutex::new(None),
             shared,
             stop: watch::channel(false).0,
+            supervisor: Mutex::new(None),
         });
         if replica.spec.mode == RunMode::Http {
-            tokio::spawn(replica.clone().supervise());
+            let task = tokio::spawn(replica.clone().supervise());
+            *replica.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         } else {
             replica.shared.tick();
         }
@@ -130,8 +134,16 @@ impl Replica {
             tracing::warn!(replica = %self.name, "requests still in flight after {grace:?}; stopping anyway");
         }
         self.stop.send_replace(true);
-        if self.spec.mode == RunMode::Fork {
-            self.finish();
+        let supervisor = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match supervisor {
+            Some(task) => {
+                let _ = task.await;
+            }
+            None => self.finish(),
         }
     }
 
@@ -164,7 +176,7 @@ impl Replica {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                () = stopped(&mut stop) => break,
+                () = crate::until_true(&mut stop) => break,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -213,7 +225,7 @@ impl Replica {
             status = child.wait() => {
                 return Some(format!("exited at start ({}) before listening on PORT", describe(status)));
             }
-            () = stopped(stop) => {
+            () = crate::until_true(stop) => {
                 stop_child(&mut child).await;
                 return None;
             }
@@ -223,7 +235,7 @@ impl Replica {
         self.set_ready(true);
         tokio::select! {
             status = child.wait() => Some(format!("exited ({})", describe(status))),
-            () = stopped(stop) => {
+            () = crate::until_true(stop) => {
                 stop_child(&mut child).await;
                 None
             }
@@ -282,11 +294,6 @@ impl ForkLauncher for Replica {
     fn content_type(&self) -> Option<&str> {
         self.spec.env.get("content_type").map(String::as_str)
     }
-}
-
-/// Resolves once the replica is asked to stop.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
 fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {

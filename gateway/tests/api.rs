@@ -1,0 +1,462 @@
+//! The /system API over real HTTP: every route, faas-cli's flows, and bad input.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn faas_cli_put_then_post_deploy_describe_list_delete() {
+    let gw = TestGateway::start(&[]);
+    let f = fork_fn("hello", "echo hi");
+    // faas-cli deploys with PUT first, then POST when the function is missing.
+    let put = gw
+        .auth(gw.http.put(gw.url("/system/functions")))
+        .json(&f)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 404);
+    gw.deploy_ok(f.clone()).await;
+    assert_eq!(
+        gw.deploy(f.clone()).await.status(),
+        409,
+        "second POST is a conflict"
+    );
+    let put = gw
+        .auth(gw.http.put(gw.url("/system/functions")))
+        .json(&f)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 202);
+
+    assert_eq!(gw.invoke("hello").await.text().await.unwrap(), "hi\n");
+    let status = gw.wait_available("hello", 1).await;
+    assert_eq!(status["name"], "hello");
+    assert_eq!(status["namespace"], "openfaas-fn");
+    assert_eq!(status["image"], "test/hello:1");
+    assert_eq!(status["replicas"], 1);
+    assert_eq!(status["invocationCount"], 1.0);
+    assert!(status["createdAt"].as_str().unwrap().ends_with('Z'));
+    assert!(status.get("usage").is_none());
+
+    let described: Value = gw
+        .get_sys("/system/function/hello?namespace=openfaas-fn&usage=1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(described["usage"]["cpu"].is_number(), "{described}");
+    assert!(
+        described["usage"]["totalMemoryBytes"].is_number(),
+        "{described}"
+    );
+
+    let list: Value = gw
+        .get_sys("/system/functions")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["invocationCount"], 1.0);
+
+    let del = gw
+        .auth(gw.http.delete(gw.url("/system/functions")))
+        .json(&json!({"functionName": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 202);
+    let del = gw
+        .auth(gw.http.delete(gw.url("/system/functions")))
+        .json(&json!({"functionName": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 404);
+    assert_eq!(gw.invoke("hello").await.status(), 404);
+    assert_eq!(
+        gw.get_sys("/system/function/hello")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn namespaces_info_healthz_and_metrics() {
+    let gw = TestGateway::start(&["--namespaces", "staging"]);
+    let ns: Value = gw
+        .get_sys("/system/namespaces")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ns, json!(["openfaas-fn", "staging"]));
+    let info: Value = gw
+        .get_sys("/system/info")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["provider"]["provider"], "tally-local");
+    assert_eq!(info["provider"]["orchestration"], "local");
+    assert!(info["version"]["release"].is_string());
+    assert!(info["arch"].is_string());
+    let health = gw.http.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // A function in the second namespace, invoked with the name.namespace suffix.
+    let mut f = fork_fn("env", "echo staged");
+    f["namespace"] = json!("staging");
+    gw.deploy_ok(f).await;
+    assert_eq!(
+        gw.invoke("env.staging").await.text().await.unwrap(),
+        "staged\n"
+    );
+    assert_eq!(
+        gw.invoke("env").await.status(),
+        404,
+        "not in the default namespace"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_function_invocation_started_total{function_name=\"env.staging\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_function_invocation_total{code=\"200\",function_name=\"env.staging\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "gateway_service_count{function_name=\"env.staging\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_function_invocation_inflight{function_name=\"env.staging\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(m.contains("gateway_functions_seconds_bucket{code=\"200\",function_name=\"env.staging\",le=\"0.005\"}"), "{m}");
+    let list: Value = gw
+        .get_sys("/system/functions?namespace=staging")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["name"], "env");
+}
+
+#[tokio::test]
+async fn basic_auth_failures() {
+    let gw = TestGateway::start(&[]);
+    for rb in [
+        gw.http.get(gw.url("/system/functions")),
+        gw.http
+            .get(gw.url("/system/functions"))
+            .basic_auth("admin", Some("wrong")),
+        gw.http
+            .get(gw.url("/system/functions"))
+            .basic_auth("root", Some("x")),
+        gw.http
+            .get(gw.url("/system/info"))
+            .header("Authorization", "Basic !!!"),
+    ] {
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Basic realm=\"Restricted\""
+        );
+        assert_eq!(r.text().await.unwrap(), "invalid credentials\n");
+    }
+    assert_eq!(
+        gw.get_sys("/system/functions")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn credentials_from_secret_mount_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("basic-auth-user"), "ops\n").unwrap();
+    std::fs::write(dir.path().join("basic-auth-password"), "from-a-file\n").unwrap();
+    let path = dir.path().to_str().unwrap().to_string();
+    let gw = TestGateway::start(&["--secret-mount-path", &path]);
+    let ok = gw
+        .http
+        .get(gw.url("/system/functions"))
+        .basic_auth("ops", Some("from-a-file"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let generated = gw.get_sys("/system/functions").send().await.unwrap();
+    assert_eq!(
+        generated.status(),
+        401,
+        "the generated password must not work then"
+    );
+}
+
+async fn expect(r: reqwest::Response, status: u16, needle: &str) {
+    let got = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_eq!(got, status, "body: {text}");
+    assert!(
+        text.contains(needle),
+        "{text:?} does not mention {needle:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_deployments_get_clear_errors_and_change_nothing() {
+    let gw = TestGateway::start(&[]);
+    let post = async |body: String| {
+        gw.auth(gw.http.post(gw.url("/system/functions")))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    };
+    expect(
+        post(r#"{"service":"Bad_Name","image":"x","envProcess":"cat"}"#.into()).await,
+        400,
+        "lowercase",
+    )
+    .await;
+    expect(
+        post(format!(
+            r#"{{"service":"{}","image":"x","envProcess":"cat"}}"#,
+            "a".repeat(64)
+        ))
+        .await,
+        400,
+        "63",
+    )
+    .await;
+    expect(post("{not json".into()).await, 400, "invalid JSON").await;
+    expect(
+        post(r#"{"service":"a","image":"x","envProcess":"cat","labels":["x"]}"#.into()).await,
+        400,
+        "`labels`",
+    )
+    .await;
+    expect(
+        post(r#"{"service":"a","image":"x","envProcess":"cat","envVars":{"k":1}}"#.into()).await,
+        400,
+        "envVars.k",
+    )
+    .await;
+    expect(
+        post(r#"{"image":"x","envProcess":"cat"}"#.into()).await,
+        400,
+        "missing field `service`",
+    )
+    .await;
+    expect(
+        post(r#"{"service":"a","image":"x"}"#.into()).await,
+        400,
+        "envProcess is required",
+    )
+    .await;
+    expect(
+        post(r#"{"service":"a","image":"x","envProcess":"/no/such/binary"}"#.into()).await,
+        400,
+        "not found",
+    )
+    .await;
+    expect(
+        post(r#"{"service":"a","image":"x","envProcess":"cat","namespace":"nope"}"#.into()).await,
+        404,
+        "nope",
+    )
+    .await;
+    expect(
+        post(r#"{"service":"a","image":"x","envProcess":"cat","limits":{"memory":"lots"}}"#.into())
+            .await,
+        400,
+        "limits.memory",
+    )
+    .await;
+    let huge = format!(
+        r#"{{"service":"a","image":"x","envProcess":"cat","envVars":{{"k":"{}"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    expect(post(huge).await, 413, "limit").await;
+    // Unknown fields are ignored (OpenFaaS clients send more than we read).
+    gw.deploy_ok(json!({"service":"a","image":"x","envProcess":"cat","somethingNew":{"x":[1]}}))
+        .await;
+    let list: Value = gw
+        .get_sys("/system/functions")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "only the valid deploy landed: {list}"
+    );
+    let state = std::fs::read_to_string(gw.data.path().join("functions.json")).unwrap();
+    assert!(state.contains("\"a\"") && !state.contains("Bad_Name"));
+}
+
+#[tokio::test]
+async fn bad_requests_on_other_routes() {
+    let gw = TestGateway::start(&["--max-body-bytes", "1024"]);
+    gw.deploy_ok(fork_fn("cat", "cat")).await;
+    expect(gw.invoke("Not_A_Name").await, 400, "invalid function name").await;
+    expect(gw.invoke("missing").await, 404, "not found").await;
+    expect(gw.invoke("cat.nons").await, 404, "not found").await;
+    let big = gw
+        .http
+        .post(gw.url("/function/cat"))
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    expect(big, 413, "1024").await;
+    let ok = gw
+        .http
+        .post(gw.url("/function/cat"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let trace = gw
+        .http
+        .request(reqwest::Method::TRACE, gw.url("/function/cat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(trace.status(), 405);
+    let scale = async |body: &str| {
+        gw.auth(gw.http.post(gw.url("/system/scale-function/cat")))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    };
+    expect(scale(r#"{"replicas":"two"}"#).await, 400, "`replicas`").await;
+    expect(scale(r#"{"replicas":-1}"#).await, 400, "`replicas`").await;
+    expect(
+        scale(r#"{"serviceName":"other","replicas":1}"#).await,
+        400,
+        "does not match",
+    )
+    .await;
+    expect(scale(r#"{"replicas":21}"#).await, 400, "maximum 20").await;
+    expect(
+        gw.get_sys("/system/function/cat?namespace=Bad!")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "namespace",
+    )
+    .await;
+    expect(
+        gw.get_sys("/system/function/cat?namespace=other")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "other",
+    )
+    .await;
+    expect(
+        gw.get_sys("/system/logs").send().await.unwrap(),
+        400,
+        "`name`",
+    )
+    .await;
+    expect(
+        gw.get_sys("/system/logs?name=cat&tail=x")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "tail",
+    )
+    .await;
+    expect(
+        gw.get_sys("/system/logs?name=cat&since=yesterday")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "RFC3339",
+    )
+    .await;
+    expect(
+        gw.get_sys("/system/nothing").send().await.unwrap(),
+        404,
+        "no route",
+    )
+    .await;
+    let wrong_method = gw
+        .auth(gw.http.patch(gw.url("/system/functions")))
+        .send()
+        .await
+        .unwrap();
+    expect(wrong_method, 405, "PATCH").await;
+}
+
+#[tokio::test]
+async fn a_command_that_exits_at_once_shows_why() {
+    let gw = TestGateway::start(&[]);
+    let f = json!({"service":"dies","image":"x","envProcess":"sh -c 'echo boom >&2; exit 7'","envVars":{"mode":"http"}});
+    gw.deploy_ok(f).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = gw.describe("dies").await;
+        assert_eq!(s["availableReplicas"], 0);
+        if let Some(msg) = s["message"].as_str() {
+            assert!(msg.contains("exit status: 7"), "{msg}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no message: {s}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let logs = gw
+        .get_sys("/system/logs?name=dies")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(logs.contains("boom"), "{logs}");
+}
