@@ -1,0 +1,298 @@
+//! `cargo xtask bench`: throughput and latency of a tiny http-mode function, direct vs
+//! through the gateway in the same run (wrk), and cold starts from zero (fork and http).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use crate::{basic_auth, root, run_cmd};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 8)]
+    seconds: u32,
+    /// wrk runs per target (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// Cold starts measured per mode.
+    #[arg(long, default_value_t = 30)]
+    cold_starts: usize,
+}
+
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Kills the child on drop, so a failed benchmark leaves nothing running.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    crate::setup::ensure_all()?;
+    run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "gateway",
+        "-p",
+        "hello-rust",
+    ]))?;
+    let bin = root().join("target/release");
+    let data = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(data.join("functions"))?;
+    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+
+    // The function on its own, started as the gateway would start it.
+    let port = free_port()?;
+    let _direct = Guard(
+        Command::new(bin.join("hello-rust"))
+            .env("PORT", port.to_string())
+            .spawn()?,
+    );
+    let (gateway, url, auth) = start_gateway(&bin, &data)?;
+    let _gateway = Guard(gateway);
+    let agent = agent();
+    deploy(
+        &agent,
+        &url,
+        &auth,
+        json!({"service": "tiny", "image": "bench/tiny", "envProcess": "./hello-rust", "envVars": {"mode": "http"}}),
+    )?;
+    deploy(
+        &agent,
+        &url,
+        &auth,
+        json!({"service": "fork", "image": "bench/fork", "envProcess": "echo hi"}),
+    )?;
+    wait_ok(&agent, &format!("{url}/function/tiny"))?;
+    wait_ok(&agent, &format!("http://127.0.0.1:{port}/"))?;
+
+    let mut direct = Vec::new();
+    let mut through = Vec::new();
+    for round in 0..args.rounds {
+        eprintln!("round {}/{}", round + 1, args.rounds);
+        direct.push(wrk(&format!("http://127.0.0.1:{port}/"), &args)?);
+        through.push(wrk(&format!("{url}/function/tiny"), &args)?);
+    }
+    let fork_cold = cold_starts(&agent, &url, &auth, "fork", args.cold_starts)?;
+    let http_cold = cold_starts(&agent, &url, &auth, "tiny", args.cold_starts)?;
+    let _ = std::fs::remove_dir_all(&data);
+
+    let d = median_wrk(&direct);
+    let g = median_wrk(&through);
+    println!("| target | requests/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|");
+    println!(
+        "| direct to the function | {:.0} | {:.2} | {:.2} |",
+        d.rps, d.p50_ms, d.p99_ms
+    );
+    println!(
+        "| through the gateway | {:.0} | {:.2} | {:.2} |",
+        g.rps, g.p50_ms, g.p99_ms
+    );
+    println!();
+    println!("through / direct throughput: {:.1}%", 100.0 * g.rps / d.rps);
+    println!();
+    println!("| cold start (0 → first response) | p50 ms | p99 ms | n |");
+    println!("|---|---|---|---|");
+    for (name, mut v) in [
+        ("fork mode (`echo hi`)", fork_cold),
+        ("http mode (hello-rust)", http_cold),
+    ] {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "| {name} | {:.2} | {:.2} | {} |",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99),
+            v.len()
+        );
+    }
+    Ok(())
+}
+
+fn start_gateway(bin: &Path, data: &PathBuf) -> Result<(Child, String, String)> {
+    let mut child = Command::new(bin.join("gateway"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cgroup-parent",
+            "tally-bench",
+            "--data-dir",
+        ])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let url = lines
+        .next()
+        .context("gateway exited")??
+        .strip_prefix("tally gateway listening on ")
+        .context("unexpected gateway output")?
+        .to_string();
+    std::thread::spawn(move || lines.for_each(drop));
+    let password = std::fs::read_to_string(data.join("secrets/basic-auth-password"))?;
+    Ok((child, url, basic_auth("admin", password.trim())))
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn deploy(agent: &ureq::Agent, url: &str, auth: &str, body: serde_json::Value) -> Result<()> {
+    let r = agent
+        .post(&format!("{url}/system/functions"))
+        .header("Authorization", auth)
+        .send_json(&body)?;
+    if r.status() != 202 {
+        bail!("deploy {body}: {}", r.status());
+    }
+    Ok(())
+}
+
+fn wait_ok(agent: &ureq::Agent, url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if agent.get(url).call().is_ok_and(|r| r.status() == 200) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{url} never answered 200")
+}
+
+/// Scales `function` to zero, waits until it is down, then times one request.
+fn cold_starts(
+    agent: &ureq::Agent,
+    url: &str,
+    auth: &str,
+    function: &str,
+    n: usize,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let scale = json!({"serviceName": function, "replicas": 0});
+        agent
+            .post(&format!("{url}/system/scale-function/{function}"))
+            .header("Authorization", auth)
+            .send_json(&scale)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut r = agent
+                .get(&format!("{url}/system/function/{function}"))
+                .header("Authorization", auth)
+                .call()?;
+            let status: serde_json::Value = r.body_mut().read_json()?;
+            if status["availableReplicas"] == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{function} did not scale to zero");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Let the retired replica's process and cgroup go before timing the next start.
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        let r = agent.get(&format!("{url}/function/{function}")).call()?;
+        let elapsed = t.elapsed().as_secs_f64() * 1000.0;
+        if r.status() != 200 {
+            bail!("cold start of {function}: {}", r.status());
+        }
+        times.push(elapsed);
+    }
+    Ok(times)
+}
+
+fn wrk(url: &str, args: &Args) -> Result<Wrk> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{}", args.connections),
+            &format!("-d{}s", args.seconds),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk on {url} failed or saw errors:\n{text}");
+    }
+    let field = |prefix: &str| -> Option<&str> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let rps: f64 = field("Requests/sec:").context("no Requests/sec")?.parse()?;
+    Ok(Wrk {
+        rps,
+        p50_ms: ms(field("50%").context("no p50")?)?,
+        p99_ms: ms(field("99%").context("no p99")?)?,
+    })
+}
+
+/// wrk's latency with its unit (`812.00us`, `1.20ms`, `2.01s`) in milliseconds.
+fn ms(v: &str) -> Result<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        bail!("unknown latency {v:?}")
+    };
+    Ok(num.parse::<f64>()? * scale)
+}
+
+fn median_wrk(runs: &[Wrk]) -> Wrk {
+    let med = |f: fn(&Wrk) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    Wrk {
+        rps: med(|w| w.rps),
+        p50_ms: med(|w| w.p50_ms),
+        p99_ms: med(|w| w.p99_ms),
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,24 @@
+//! `cargo xtask test`: every check CI runs — formatting, lints, the eBPF build, and
+//! every test of the workspace against real processes, cgroups and the kernel.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::run_cmd;
+
+pub fn run() -> Result<()> {
+    crate::setup::ensure_all()?;
+    run_cmd(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run_cmd(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    crate::ebpf::build()?;
+    run_cmd(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]))
+}

@@ -1,0 +1,164 @@
+//! `cargo xtask up`: builds the gateway and the examples, starts the gateway on the
+//! embedded default, deploys `examples/stack.yml`, prints how to try it, and runs until Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{root, run_cmd, stack};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address of the gateway.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Data directory [default: the gateway's, /var/lib/tally as root].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Use debug builds (faster to build, slower to run).
+    #[arg(long)]
+    dev: bool,
+    /// Further flags for the gateway (after `--`), e.g. `-- --cgroup-parent tally-dev`.
+    #[arg(last = true)]
+    gateway_args: Vec<String>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    crate::setup::ensure_all()?;
+    let profile = if args.dev { "debug" } else { "release" };
+    let mut build = Command::new("cargo");
+    build.args(["build", "--quiet", "-p", "gateway", "-p", "hello-rust"]);
+    if !args.dev {
+        build.arg("--release");
+    }
+    run_cmd(&mut build)?;
+    let bin = root().join("target").join(profile);
+
+    let mut cmd = Command::new(bin.join("gateway"));
+    cmd.args(["--listen", &args.listen]);
+    if let Some(dir) = &args.data_dir {
+        cmd.arg("--data-dir").arg(dir);
+    }
+    cmd.args(&args.gateway_args);
+    let mut gateway = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the gateway")?;
+    let mut lines = BufReader::new(gateway.stdout.take().context("gateway stdout")?).lines();
+    let url = lines
+        .next()
+        .context("the gateway exited at start (see its log above)")??
+        .strip_prefix("tally gateway listening on ")
+        .context("unexpected first line from the gateway")?
+        .to_string();
+    let creds_line = lines.next().context("no credentials line")??;
+    let password_file = creds_line
+        .rsplit_once("password in ")
+        .map(|(_, p)| PathBuf::from(p))
+        .context("unexpected credentials line")?;
+    std::thread::spawn(move || lines.for_each(|l| println!("{}", l.unwrap_or_default())));
+    let data_dir = password_file
+        .parent()
+        .and_then(Path::parent)
+        .context("data dir from credentials path")?
+        .to_path_buf();
+
+    let result = deploy_examples(&url, &data_dir, &bin, &password_file);
+    if let Err(e) = result {
+        let _ = gateway.kill();
+        return Err(e);
+    }
+    let user_file = password_file.with_file_name("basic-auth-user");
+    println!();
+    println!("Tally is up: {url}");
+    println!(
+        "Admin credentials: {} and {}",
+        user_file.display(),
+        password_file.display()
+    );
+    println!("Try:");
+    println!("  curl -s {url}/function/hello-shell -d 'Tally'");
+    println!("  curl -s {url}/function/hello-python");
+    println!(
+        "  curl -s -u admin:$(cat {}) {url}/system/functions",
+        password_file.display()
+    );
+    println!("Press Ctrl-C to stop.");
+    // Ctrl-C or SIGTERM: ask the gateway to stop (it drains and stops the replicas).
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })?;
+    loop {
+        if let Some(status) = gateway.try_wait()? {
+            if !status.success() {
+                bail!("the gateway exited with {status}");
+            }
+            return Ok(());
+        }
+        if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+            let pid = nix::unistd::Pid::from_raw(gateway.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            gateway.wait()?;
+            return Ok(());
+        }
+    }
+}
+
+/// Copies the examples where function processes can read them, then deploys the stack.
+fn deploy_examples(url: &str, data_dir: &Path, bin: &Path, password_file: &Path) -> Result<()> {
+    let functions = data_dir.join("functions");
+    let examples = root().join("examples");
+    for dir in ["hello-shell", "hello-python"] {
+        copy_dir(&examples.join(dir), &functions.join(dir))?;
+    }
+    std::fs::create_dir_all(functions.join("hello-rust"))?;
+    std::fs::copy(
+        bin.join("hello-rust"),
+        functions.join("hello-rust/hello-rust"),
+    )?;
+    let password = std::fs::read_to_string(password_file)?.trim().to_string();
+    let user = std::fs::read_to_string(password_file.with_file_name("basic-auth-user"))?;
+    let auth = crate::basic_auth(user.trim(), &password);
+    wait_healthy(url)?;
+    let stack = stack::load(&examples.join("stack.yml"))?;
+    for (name, f) in &stack.functions {
+        stack::deploy(url, &auth, &stack::deployment(name, f))?;
+        println!("deployed {name}");
+    }
+    Ok(())
+}
+
+fn wait_healthy(url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if ureq::get(&format!("{url}/healthz")).call().is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway at {url} did not become healthy within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to)?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+            let mode = std::fs::metadata(&target)?.permissions().mode() | 0o444;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
+}
