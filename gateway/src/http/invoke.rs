@@ -1,7 +1,6 @@
 //! `/function/NAME[.NAMESPACE][/path]`: sync invocation. Holds the request while a
 //! function scales from zero, leases a replica, forwards, and counts what happened.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,13 +13,14 @@ use crate::Gateway;
 use crate::error::GatewayError;
 use crate::names::FunctionRef;
 use crate::provider::{AcquireError, Lease, Upstream};
-use crate::proxy::{self, CallContext, headers};
+use crate::proxy::headers::{self, Peer};
+use crate::proxy::{self, CallContext};
 
 pub async fn invoke(
     gw: &Arc<Gateway>,
     req: Request<Incoming>,
     rest: &str,
-    remote: SocketAddr,
+    peer: &Peer,
 ) -> Result<Response<Body>, GatewayError> {
     let received = Instant::now();
     let start_nanos = SystemTime::now()
@@ -81,14 +81,17 @@ pub async fn invoke(
         upstream, guard, ..
     } = lease;
     let outcome = match upstream {
-        Upstream::Http(addr) => proxy::http::forward(&gw.client, addr, req, remote, &ctx).await,
+        Upstream::Http(authority) => {
+            proxy::http::forward(&gw.client, authority, req, peer, &ctx).await
+        }
         Upstream::Fork(launcher) => proxy::fork::run(launcher, req, &ctx).await,
     };
     let mut response = outcome.unwrap_or_else(GatewayError::into_response);
     record(gw, &label, response.status().as_u16(), received);
     let h = response.headers_mut();
     headers::set_call_headers(h, &call_id, start_nanos);
-    let seconds = format!("{:.6}", received.elapsed().as_secs_f64());
+    let micros = received.elapsed().as_micros();
+    let seconds = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
     if let Ok(v) = HeaderValue::from_str(&seconds) {
         h.insert(headers::X_DURATION_SECONDS, v);
     }

@@ -1,7 +1,6 @@
 //! Routing: which handler answers which path, with basic auth in front of /system.
 //! Every error becomes its response here, in one place.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode, header};
@@ -11,14 +10,11 @@ use super::body::{Body, full};
 use super::{invoke, system};
 use crate::Gateway;
 use crate::error::GatewayError;
+use crate::proxy::headers::Peer;
 
-pub async fn handle(
-    gw: Arc<Gateway>,
-    req: Request<Incoming>,
-    remote: SocketAddr,
-) -> Response<Body> {
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let result = route(&gw, req, &path, remote).await;
+    let result = route(&gw, req, &path, peer).await;
     result.unwrap_or_else(GatewayError::into_response)
 }
 
@@ -26,10 +22,10 @@ async fn route(
     gw: &Arc<Gateway>,
     req: Request<Incoming>,
     path: &str,
-    remote: SocketAddr,
+    peer: &Peer,
 ) -> Result<Response<Body>, GatewayError> {
     if let Some(rest) = path.strip_prefix("/function/") {
-        return invoke::invoke(gw, req, rest, remote).await;
+        return invoke::invoke(gw, req, rest, peer).await;
     }
     if path.starts_with("/async-function/") {
         return Err(GatewayError::NotImplemented(

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::Gateway;
+use crate::proxy::headers::Peer;
 
 /// Connections served at once; further ones wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 16_384;
@@ -37,9 +38,10 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
         };
         let _ = stream.set_nodelay(true);
         let gw2 = gw.clone();
+        let peer = Arc::new(Peer::new(remote));
         let service = service_fn(move |req| {
-            let gw = gw2.clone();
-            async move { Ok::<_, std::convert::Infallible>(super::handle(gw, req, remote).await) }
+            let (gw, peer) = (gw2.clone(), peer.clone());
+            async move { Ok::<_, std::convert::Infallible>(super::handle(gw, req, &peer).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())

@@ -4,7 +4,6 @@
 pub mod lease;
 pub mod local;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -50,8 +49,8 @@ pub enum AcquireError {
 
 /// Where a leased request goes.
 pub enum Upstream {
-    /// A long-running server listening on this address.
-    Http(SocketAddr),
+    /// A long-running server listening at this authority (`127.0.0.1:PORT`).
+    Http(http::uri::Authority),
     /// Classic watchdog: one process per request.
     Fork(Arc<dyn ForkLauncher>),
 }

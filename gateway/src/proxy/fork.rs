@@ -76,19 +76,20 @@ pub async fn run(
         let status = child.wait().await;
         (out, status)
     };
-    let (deadline, timed_out) = ctx.deadline();
+    let deadline = ctx.deadline();
     let (out, status) = match tokio::time::timeout(deadline, work).await {
         Ok(done) => done,
         Err(_) => {
             if let Some(pgid) = pgid {
                 let _ = killpg(pgid, Signal::SIGKILL);
             }
-            return Err(match timed_out {
-                GatewayError::GatewayTimeout(_) => GatewayError::RequestTimeout(format!(
-                    "exec_timeout ({:?}) of function {} fired: the process was killed",
-                    deadline, ctx.function
-                )),
-                other => other,
+            return Err(if ctx.exec_timeout_first() {
+                GatewayError::RequestTimeout(format!(
+                    "exec_timeout ({deadline:?}) of function {} fired: the process was killed",
+                    ctx.function
+                ))
+            } else {
+                ctx.timed_out()
             });
         }
     };

@@ -41,13 +41,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+/// The client at the other end of a connection, with its `X-Forwarded-For` value
+/// rendered once per connection rather than once per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(),
+        }
+    }
+}
+
 /// Prepares the headers of a request going to a function.
-pub fn to_function(headers: &mut HeaderMap, remote: SocketAddr, call_id: &str, start_nanos: u128) {
+pub fn to_function(headers: &mut HeaderMap, peer: &Peer, call_id: &str, start_nanos: u128) {
     strip_hop_by_hop(headers);
     if !headers.contains_key(&X_FORWARDED_FOR)
-        && let Ok(v) = HeaderValue::from_str(&remote.ip().to_string())
+        && let Some(v) = &peer.forwarded_for
     {
-        headers.insert(X_FORWARDED_FOR, v);
+        headers.insert(X_FORWARDED_FOR, v.clone());
     }
     if !headers.contains_key(&X_FORWARDED_HOST)
         && let Some(host) = headers.get(header::HOST).cloned()
@@ -130,7 +147,7 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::HOST, HeaderValue::from_static("gw:8080"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        to_function(&mut h, "10.0.0.1:5".parse().unwrap(), "abc", 42);
+        to_function(&mut h, &Peer::new("10.0.0.1:5".parse().unwrap()), "abc", 42);
         assert!(!h.contains_key("x-secret-hop") && !h.contains_key("keep-alive"));
         assert!(!h.contains_key(header::CONNECTION));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");

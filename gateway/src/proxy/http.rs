@@ -1,18 +1,18 @@
 //! http mode: the request streams to the replica's server over a pooled keep-alive
 //! connection and the response streams back, unbuffered.
 
-use std::net::SocketAddr;
-
+use http::uri::Authority;
 use http::{Request, Response, Uri};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::CallContext;
-use super::headers;
+use super::headers::{self, Peer};
 use crate::error::GatewayError;
-use crate::http::body::{Body, BoxError, IdleTimeoutBody, too_large};
+use crate::http::body::{Body, BoxError, IdleTimeoutBody, empty, too_large};
 
 pub type HttpClient = Client<HttpConnector, Body>;
 
@@ -30,9 +30,9 @@ pub fn client() -> HttpClient {
 
 pub async fn forward(
     client: &HttpClient,
-    addr: SocketAddr,
+    authority: Authority,
     req: Request<Incoming>,
-    remote: SocketAddr,
+    peer: &Peer,
     ctx: &CallContext,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = req.into_parts();
@@ -42,22 +42,22 @@ pub async fn forward(
     };
     parts.uri = Uri::builder()
         .scheme("http")
-        .authority(addr.to_string())
+        .authority(authority)
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| GatewayError::BadRequest(format!("invalid path: {e}")))?;
     parts.version = http::Version::HTTP_11;
-    headers::to_function(&mut parts.headers, remote, &ctx.call_id, ctx.start_nanos);
-    let limit = usize::try_from(ctx.max_body_bytes).unwrap_or(usize::MAX);
-    let body = IdleTimeoutBody::new(Limited::new(body, limit), ctx.read_timeout).boxed();
-    let (deadline, timed_out) = ctx.deadline();
-    let response = match tokio::time::timeout(
-        deadline,
-        client.request(Request::from_parts(parts, body)),
-    )
-    .await
-    {
-        Err(_) => return Err(timed_out),
+    headers::to_function(&mut parts.headers, peer, &ctx.call_id, ctx.start_nanos);
+    // A request without a body needs neither the size limit nor the idle timer.
+    let body = if body.is_end_stream() {
+        empty()
+    } else {
+        let limit = usize::try_from(ctx.max_body_bytes).unwrap_or(usize::MAX);
+        IdleTimeoutBody::new(Limited::new(body, limit), ctx.read_timeout).boxed()
+    };
+    let request = client.request(Request::from_parts(parts, body));
+    let response = match tokio::time::timeout(ctx.deadline(), request).await {
+        Err(_) => return Err(ctx.timed_out()),
         Ok(Err(e)) => return Err(upstream_error(e, ctx)),
         Ok(Ok(r)) => r,
     };

@@ -26,23 +26,32 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// The timeout that fires first, and the error it gives.
-    pub fn deadline(&self) -> (Duration, GatewayError) {
+    /// The timeout that fires first: the function's `exec_timeout` or `upstream_timeout`.
+    pub fn deadline(&self) -> Duration {
         match self.exec_timeout {
-            Some(exec) if exec < self.upstream_timeout => (
-                exec,
-                GatewayError::GatewayTimeout(format!(
-                    "exec_timeout ({exec:?}) of function {} fired before it answered",
-                    self.function
-                )),
-            ),
-            _ => (
-                self.upstream_timeout,
-                GatewayError::BadGateway(format!(
-                    "upstream_timeout ({:?}) fired before function {} answered",
-                    self.upstream_timeout, self.function
-                )),
-            ),
+            Some(exec) if exec < self.upstream_timeout => exec,
+            _ => self.upstream_timeout,
+        }
+    }
+
+    /// Whether the deadline is the function's `exec_timeout`.
+    pub fn exec_timeout_first(&self) -> bool {
+        self.exec_timeout.is_some_and(|e| e < self.upstream_timeout)
+    }
+
+    /// The error for a request that reached its deadline (http mode: 504 or 502).
+    pub fn timed_out(&self) -> GatewayError {
+        if self.exec_timeout_first() {
+            GatewayError::GatewayTimeout(format!(
+                "exec_timeout ({:?}) of function {} fired before it answered",
+                self.deadline(),
+                self.function
+            ))
+        } else {
+            GatewayError::BadGateway(format!(
+                "upstream_timeout ({:?}) fired before function {} answered",
+                self.upstream_timeout, self.function
+            ))
         }
     }
 }

@@ -76,7 +76,7 @@ impl FunctionSlot {
         for r in routable {
             if let Some(guard) = r.load.try_acquire(r.spec.max_inflight) {
                 let upstream = match r.spec.mode {
-                    RunMode::Http => Upstream::Http(r.addr()),
+                    RunMode::Http => Upstream::Http(r.authority()),
                     RunMode::Fork => Upstream::Fork(r.clone()),
                 };
                 return Ok(Lease {

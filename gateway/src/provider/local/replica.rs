@@ -1,7 +1,7 @@
 //! One replica: its cgroup, its load, and (in http mode) the supervisor that starts the
 //! process on a fresh PORT, waits until it listens, and restarts it with backoff.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +37,8 @@ pub struct Replica {
     ready: AtomicBool,
     draining: AtomicBool,
     port: AtomicU16,
+    /// `127.0.0.1:PORT` of the running process, made once per start.
+    authority: Mutex<http::uri::Authority>,
     pid: AtomicU32,
     restarts: AtomicU64,
     message: Mutex<Option<String>>,
@@ -69,6 +71,7 @@ impl Replica {
             load: Arc::default(),
             draining: AtomicBool::new(false),
             port: AtomicU16::new(0),
+            authority: Mutex::new(http::uri::Authority::from_static("127.0.0.1")),
             pid: AtomicU32::new(0),
             restarts: AtomicU64::new(0),
             message: Mutex::new(None),
@@ -90,8 +93,11 @@ impl Replica {
         self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port.load(Ordering::Acquire)))
+    pub fn authority(&self) -> http::uri::Authority {
+        self.authority
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn port(&self) -> Option<u16> {
@@ -231,6 +237,9 @@ impl Replica {
             }
         }
         self.port.store(port, Ordering::Release);
+        if let Ok(a) = http::uri::Authority::try_from(format!("127.0.0.1:{port}")) {
+            *self.authority.lock().unwrap_or_else(|p| p.into_inner()) = a;
+        }
         self.set_message(None);
         self.set_ready(true);
         tokio::select! {
