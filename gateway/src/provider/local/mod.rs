@@ -22,7 +22,7 @@ use self::cgroup::Layout;
 use self::function::FunctionSlot;
 use self::pidfiles::PidFiles;
 use self::spawn::RunAs;
-use self::state::{SavedFunction, StateFile};
+use self::state::{SavedFunction, StateFile, StateWriter};
 use super::{AcquireError, Lease, Provider, ProviderError, ReplicaMap};
 use crate::logs::LogHub;
 use crate::names::{FunctionRef, Namespace};
@@ -67,9 +67,9 @@ impl Shared {
 pub struct LocalProvider {
     shared: Arc<Shared>,
     functions: RwLock<HashMap<FunctionRef, Arc<FunctionSlot>>>,
-    state: StateFile,
-    /// Serialises writes of the state file.
-    save_lock: tokio::sync::Mutex<()>,
+    state: Arc<StateWriter>,
+    /// Numbers state snapshots in the order they are taken.
+    snapshots: std::sync::Mutex<u64>,
     namespaces: Vec<Namespace>,
     drain_timeout: Duration,
 }
@@ -108,12 +108,14 @@ impl LocalProvider {
                 readiness: watch::channel(0).0,
             }),
             functions: RwLock::default(),
-            state: StateFile::new(&opts.data_dir),
-            save_lock: tokio::sync::Mutex::new(()),
+            state: Arc::new(StateWriter::new(StateFile::new(&opts.data_dir))),
+            snapshots: std::sync::Mutex::new(0),
             namespaces: opts.namespaces,
             drain_timeout: opts.drain_timeout,
         };
-        let saved = provider.state.load().map_err(ProviderError::State)?;
+        let saved = StateFile::new(&opts.data_dir)
+            .load()
+            .map_err(ProviderError::State)?;
         for s in saved {
             if let Err(e) = provider.restore(s.clone()) {
                 tracing::error!(function = %s.deployment.service, "could not restore: {e}");
@@ -180,8 +182,30 @@ impl LocalProvider {
         self.functions.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes the deployed functions to the data directory (off the async threads).
     async fn persist(&self) -> Result<(), ProviderError> {
-        let _guard = self.save_lock.lock().await;
+        let (seq, saved) = self.snapshot();
+        let writer = self.state.clone();
+        tokio::task::spawn_blocking(move || writer.write(seq, saved))
+            .await
+            .map_err(|e| ProviderError::State(e.to_string()))?
+            .map_err(ProviderError::Io)
+    }
+
+    /// Like [`Self::persist`], for the request path: does not wait for the disk.
+    fn persist_in_background(&self) {
+        let (seq, saved) = self.snapshot();
+        let writer = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = writer.write(seq, saved) {
+                tracing::error!("saving the function state: {e}");
+            }
+        });
+    }
+
+    fn snapshot(&self) -> (u64, Vec<SavedFunction>) {
+        let mut seq = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        *seq += 1;
         let mut saved: Vec<SavedFunction> = self
             .map_read()
             .values()
@@ -192,7 +216,7 @@ impl LocalProvider {
             })
             .collect();
         saved.sort_by(|a, b| a.deployment.service.cmp(&b.deployment.service));
-        self.state.save(saved).map_err(ProviderError::Io)
+        (*seq, saved)
     }
 }
 
@@ -293,7 +317,8 @@ impl Provider for LocalProvider {
         }
         let n = slot.spec().min_replicas.max(1);
         slot.scale_to(&self.shared, n, self.drain_timeout)?;
-        self.persist().await?;
+        // The held requests should not wait for the disk.
+        self.persist_in_background();
         Ok(true)
     }
 

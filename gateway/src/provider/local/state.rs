@@ -58,6 +58,33 @@ impl StateFile {
     }
 }
 
+/// Writes snapshots in the order they were taken: one older than the last written is
+/// skipped, so writes may run off the request path without going back in time.
+pub struct StateWriter {
+    file: StateFile,
+    last: std::sync::Mutex<u64>,
+}
+
+impl StateWriter {
+    pub fn new(file: StateFile) -> Self {
+        Self {
+            file,
+            last: std::sync::Mutex::new(0),
+        }
+    }
+
+    /// Writes snapshot number `seq` unless a newer one was written already.
+    pub fn write(&self, seq: u64, functions: Vec<SavedFunction>) -> std::io::Result<()> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if seq <= *last {
+            return Ok(());
+        }
+        self.file.save(functions)?;
+        *last = seq;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +105,13 @@ mod tests {
         let back = file.load().unwrap();
         assert_eq!(back[0].deployment, d);
         assert_eq!(back[0].replicas, 3);
+        let writer = StateWriter::new(StateFile::new(dir.path()));
+        writer.write(2, vec![]).unwrap();
+        writer.write(1, back.clone()).unwrap();
+        assert!(
+            file.load().unwrap().is_empty(),
+            "an older snapshot must not win"
+        );
         fs::write(dir.path().join("functions.json"), b"{").unwrap();
         assert!(file.load().unwrap_err().contains("parsing"));
     }
