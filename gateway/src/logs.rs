@@ -116,10 +116,53 @@ impl LogHub {
     }
 }
 
+/// Reads `reader` line by line, handing each line (cut at [`MAX_LINE_BYTES`], the rest
+/// of a longer line dropped) to `emit`; memory stays bounded whatever the process writes.
+pub async fn pump_lines<R>(reader: R, mut emit: impl FnMut(&str))
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(reader);
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(b) if !b.is_empty() => b,
+            _ => break,
+        };
+        let (chunk, ends_line) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], true),
+            None => (buf, false),
+        };
+        let room = MAX_LINE_BYTES.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = chunk.len() + usize::from(ends_line);
+        reader.consume(used);
+        if ends_line {
+            emit(&String::from_utf8_lossy(&line));
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        emit(&String::from_utf8_lossy(&line));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::names::Namespace;
+
+    #[tokio::test]
+    async fn long_lines_are_cut() {
+        let mut input = vec![b'a'; MAX_LINE_BYTES * 3];
+        input.extend_from_slice(b"\nshort\nlast");
+        let mut lines = Vec::new();
+        pump_lines(&input[..], |l| lines.push(l.to_string())).await;
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].len(), MAX_LINE_BYTES);
+        assert_eq!(lines[1..], ["short", "last"]);
+    }
 
     #[test]
     fn tail_and_instance_filters() {

@@ -9,7 +9,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::CallContext;
 use super::headers;
@@ -64,12 +64,9 @@ pub async fn run(
     };
     if let Some(stderr) = child.stderr.take() {
         let launcher = launcher.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                launcher.log_stderr(&line);
-            }
-        });
+        tokio::spawn(crate::logs::pump_lines(stderr, move |line| {
+            launcher.log_stderr(line);
+        }));
     }
     let work = async {
         let ((), out) = tokio::join!(feed, collect);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio::process::Child;
 use tokio::sync::watch;
 
@@ -266,12 +266,9 @@ impl Replica {
             self.function.clone(),
             self.name.clone(),
         );
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                shared.logs.push(&function, &name, &line);
-            }
-        });
+        tokio::spawn(crate::logs::pump_lines(stream, move |line| {
+            shared.logs.push(&function, &name, line);
+        }));
     }
 
     pub fn pid(&self) -> Option<u32> {
