@@ -88,6 +88,106 @@ pub struct Config {
     /// Time an http-mode replica has to start listening on its PORT.
     #[arg(long, env = "TALLY_STARTUP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub startup_timeout: Duration,
+
+    #[command(flatten)]
+    pub queue: QueueConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueMode {
+    /// One shared consumer for every function (OpenFaaS's classic queue-worker).
+    Static,
+    /// One consumer per function, so a flooded function cannot starve the others.
+    Function,
+}
+
+/// Async invocations: NATS JetStream, the queue-worker, retries and callbacks.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueueConfig {
+    /// NATS server(s), comma-separated. Unset: the gateway runs its own `nats-server -js`.
+    #[arg(long, env = "TALLY_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// OpenFaaS's NATS address (used with `faas_nats_port` when --nats-url is unset).
+    #[arg(long, env = "faas_nats_address", hide = true)]
+    pub faas_nats_address: Option<String>,
+
+    #[arg(long, env = "faas_nats_port", hide = true)]
+    pub faas_nats_port: Option<u16>,
+
+    /// The nats-server binary for the embedded server.
+    #[arg(long, env = "TALLY_NATS_SERVER_BIN", default_value = "nats-server")]
+    pub nats_server_bin: String,
+
+    /// Replicas of the streams and buckets (3 on a 3-node cluster).
+    #[arg(long, env = "TALLY_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+
+    /// Default queue (stream `OF_<queue>`); a function may pick another with `com.openfaas.queue`.
+    #[arg(long, env = "faas_queue", default_value = "faas-request")]
+    pub queue_name: String,
+
+    /// `function`: a consumer per function; `static`: one shared consumer.
+    #[arg(long, env = "TALLY_QUEUE_MODE", value_enum, default_value = "function")]
+    pub queue_mode: QueueMode,
+
+    /// Run the queue-worker in this process.
+    #[arg(long, env = "TALLY_QUEUE_WORKER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub queue_worker: bool,
+
+    /// Async invocations in flight per consumer.
+    #[arg(long, env = "TALLY_QUEUE_MAX_INFLIGHT", default_value_t = 32)]
+    pub queue_max_inflight: usize,
+
+    /// JetStream's redelivery lease; extended while a function runs.
+    #[arg(long, env = "ack_wait", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+
+    /// An idle per-function consumer is removed after this long.
+    #[arg(long, env = "inactive_threshold", default_value = "30s", value_parser = parse_duration)]
+    pub inactive_threshold: Duration,
+
+    /// Attempts in all for a call answered with a retryable code.
+    #[arg(long, env = "max_retry_attempts", default_value_t = 10)]
+    pub max_retry_attempts: u32,
+
+    #[arg(long, env = "initial_retry_wait", default_value = "10s", value_parser = parse_duration)]
+    pub initial_retry_wait: Duration,
+
+    #[arg(long, env = "max_retry_wait", default_value = "120s", value_parser = parse_duration)]
+    pub max_retry_wait: Duration,
+
+    /// Status codes that are retried.
+    #[arg(
+        long,
+        env = "retry_http_codes",
+        default_value = "408,429,500,502,503,504"
+    )]
+    pub retry_http_codes: String,
+
+    /// Largest body accepted on /async-function (413 above).
+    #[arg(long, env = "TALLY_ASYNC_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub async_max_body_bytes: u64,
+
+    /// Hosts callbacks may go to (comma-separated); empty allows any.
+    #[arg(long, env = "TALLY_CALLBACK_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub callback_allowed_hosts: Vec<String>,
+
+    /// How long call status and results are kept.
+    #[arg(long, env = "TALLY_ASYNC_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub async_retention: Duration,
+
+    /// Largest result body kept in the call status.
+    #[arg(long, env = "TALLY_ASYNC_RESULT_MAX_BYTES", default_value_t = 64 << 10)]
+    pub async_result_max_bytes: usize,
+
+    /// Attempts of a callback POST.
+    #[arg(long, env = "TALLY_CALLBACK_ATTEMPTS", default_value_t = 5)]
+    pub callback_attempts: u32,
+
+    /// Time one callback POST may take.
+    #[arg(long, env = "TALLY_CALLBACK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub callback_timeout: Duration,
 }
 
 impl Config {

@@ -11,11 +11,12 @@ pub mod names;
 pub mod provider;
 pub mod proxy;
 pub mod quantity;
+pub mod queue;
 pub mod types;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::net::TcpListener;
 
@@ -34,9 +35,61 @@ pub struct Gateway {
     pub client: proxy::http::HttpClient,
     /// Turns true when the gateway starts shutting down (ends log follows, ...).
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Turns true when everything else has stopped (then the embedded NATS stops).
+    pub finished: tokio::sync::watch::Sender<bool>,
+    /// JetStream, once connected.
+    pub queue: OnceLock<Arc<queue::Queue>>,
+    pub queue_worker: OnceLock<Arc<queue::worker::QueueWorker>>,
+    /// Why async invocations are unavailable, while they are.
+    queue_problem: Mutex<String>,
 }
 
 impl Gateway {
+    /// The queue, if NATS is connected; else a 503 that says why.
+    pub fn queue(&self) -> Result<&Arc<queue::Queue>, error::GatewayError> {
+        match self.queue.get() {
+            Some(q) if q.connected() => Ok(q),
+            Some(_) => Err(error::GatewayError::Unavailable(
+                "async invocations are unavailable: NATS is unreachable (sync calls still work)"
+                    .into(),
+            )),
+            None => Err(error::GatewayError::Unavailable(format!(
+                "async invocations are unavailable: {}",
+                self.queue_problem.lock().unwrap_or_else(|p| p.into_inner())
+            ))),
+        }
+    }
+
+    /// Connects to JetStream in the background (sync calls do not wait for it).
+    fn start_queue(self: &Arc<Self>) {
+        let gw = self.clone();
+        tokio::spawn(async move {
+            let data_dir = gw.config.data_dir();
+            let started = queue::Queue::start(
+                gw.config.queue.clone(),
+                &data_dir,
+                gw.finished.subscribe(),
+                std::time::Duration::MAX,
+            )
+            .await;
+            match started {
+                Ok(q) => {
+                    let q = Arc::new(q);
+                    let _ = gw.queue.set(q.clone());
+                    if gw.config.queue.queue_worker {
+                        let _ = gw
+                            .queue_worker
+                            .set(queue::worker::QueueWorker::start(&gw, q));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("async invocations are unavailable: {e}");
+                    *gw.queue_problem.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+                }
+            }
+        });
+    }
+
     /// Sets `gateway_service_count` from the provider's desired replica counts.
     pub fn refresh_service_counts(&self) {
         self.metrics.service_count.reset();
@@ -114,7 +167,12 @@ pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSou
         credentials,
         client: proxy::http::client(),
         stopping: tokio::sync::watch::channel(false).0,
+        finished: tokio::sync::watch::channel(false).0,
+        queue: OnceLock::new(),
+        queue_worker: OnceLock::new(),
+        queue_problem: Mutex::new("connecting to NATS".into()),
     });
+    gw.start_queue();
     Ok((gw, source))
 }
 

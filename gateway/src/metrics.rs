@@ -15,6 +15,25 @@ pub struct Metrics {
     pub inflight: IntGaugeVec,
     /// Tally: scale-from-zero scale calls made (one per burst of held requests).
     pub scale_from_zero: IntCounter,
+    pub queue_submitted: IntCounter,
+    pub queue_processed: IntCounter,
+    pub queue_pending: IntGaugeVec,
+    pub queue_inflight: IntGaugeVec,
+    pub queue_retries: IntCounterVec,
+    pub queue_dead_lettered: IntCounterVec,
+    pub queue_callbacks: IntCounterVec,
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 impl Default for Metrics {
@@ -68,6 +87,39 @@ impl Metrics {
             "Scale calls made to bring a function up from zero replicas",
         )
         .expect("valid metric");
+        let queue_submitted = counter(
+            "queue_worker_messages_submitted_total",
+            "Async calls accepted and stored in JetStream",
+        );
+        let queue_processed = counter(
+            "queue_worker_messages_processed_total",
+            "Async calls finished (acked) by the queue-worker",
+        );
+        let queue_pending = gauge_vec(
+            "queue_worker_pending_messages",
+            "Async calls in the queue, per function",
+            &["function_name"],
+        );
+        let queue_inflight = gauge_vec(
+            "queue_worker_function_invocation_inflight",
+            "Async calls running",
+            &["function_name"],
+        );
+        let queue_retries = counter_vec(
+            "queue_worker_retries_total",
+            "Async calls scheduled for another attempt",
+            &["function_name"],
+        );
+        let queue_dead_lettered = counter_vec(
+            "queue_worker_dead_lettered_total",
+            "Async calls moved to the dead letters",
+            &["function_name"],
+        );
+        let queue_callbacks = counter_vec(
+            "queue_worker_callbacks_total",
+            "Callbacks by result (delivered, failed)",
+            &["result"],
+        );
         for c in [
             Box::new(started.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(completed.clone()),
@@ -75,6 +127,13 @@ impl Metrics {
             Box::new(service_count.clone()),
             Box::new(inflight.clone()),
             Box::new(scale_from_zero.clone()),
+            Box::new(queue_submitted.clone()),
+            Box::new(queue_processed.clone()),
+            Box::new(queue_pending.clone()),
+            Box::new(queue_inflight.clone()),
+            Box::new(queue_retries.clone()),
+            Box::new(queue_dead_lettered.clone()),
+            Box::new(queue_callbacks.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -86,6 +145,13 @@ impl Metrics {
             service_count,
             inflight,
             scale_from_zero,
+            queue_submitted,
+            queue_processed,
+            queue_pending,
+            queue_inflight,
+            queue_retries,
+            queue_dead_lettered,
+            queue_callbacks,
         }
     }
 

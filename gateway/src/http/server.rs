@@ -66,5 +66,6 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
         tracing::warn!("connections still open after write_timeout; closing them");
     }
     gw.provider.shutdown().await;
+    gw.finished.send_replace(true);
     tracing::info!("stopped");
 }

@@ -64,6 +64,15 @@ pub async fn route(
         ("info", &Method::GET) => Ok(json(StatusCode::OK, &info(gw))),
         ("logs", &Method::GET) => logs(gw, &query),
         ("replicas", &Method::GET) => Ok(json(StatusCode::OK, &gw.provider.replicas())),
+        ("async-dead-letters", &Method::GET) => {
+            let queue = gw.queue()?;
+            let letters = queue
+                .store
+                .dead_letters(10_000)
+                .await
+                .map_err(unavailable)?;
+            Ok(json(StatusCode::OK, &letters))
+        }
         ("alert", &Method::POST) => Err(GatewayError::NotImplemented(
             "alert-driven scaling arrives with the autoscaler; this build does not have it yet"
                 .into(),
@@ -80,6 +89,40 @@ pub async fn route(
                     return Err(GatewayError::MethodNotAllowed(method));
                 }
                 return describe(gw, name, &query).await;
+            }
+            if let Some(id) = rest.strip_prefix("async/") {
+                if method != Method::GET {
+                    return Err(GatewayError::MethodNotAllowed(method));
+                }
+                let queue = gw.queue()?;
+                return match queue.store.get(id).await.map_err(unavailable)? {
+                    Some(status) => Ok(json(StatusCode::OK, &status)),
+                    None => Err(GatewayError::NotFound(format!(
+                        "no async call {id:?} (unknown, or older than the retention)"
+                    ))),
+                };
+            }
+            if let Some(id) = rest
+                .strip_prefix("async-dead-letters/")
+                .and_then(|r| r.strip_suffix("/requeue"))
+            {
+                if method != Method::POST {
+                    return Err(GatewayError::MethodNotAllowed(method));
+                }
+                return requeue(gw, id).await;
+            }
+            if let Some(name) = rest.strip_prefix("async-queues/") {
+                if method != Method::DELETE {
+                    return Err(GatewayError::MethodNotAllowed(method));
+                }
+                let queue = gw.queue()?;
+                let purged = crate::queue::worker::purge(queue, name)
+                    .await
+                    .map_err(|e| GatewayError::NotFound(format!("queue {name:?}: {e}")))?;
+                return Ok(json(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({"queue": name, "purged": purged}),
+                ));
             }
             if let Some(name) = rest.strip_prefix("scale-function/") {
                 if method != Method::POST {
@@ -231,6 +274,55 @@ fn logs(gw: &Gateway, query: &Query) -> Result<Response<Body>, GatewayError> {
         HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(r)
+}
+
+/// Puts a dead-lettered call back on its queue (a fresh set of attempts).
+async fn requeue(gw: &Gateway, id: &str) -> Result<Response<Body>, GatewayError> {
+    let queue = gw.queue()?;
+    let letter = queue
+        .store
+        .take_dead_letter(id)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| GatewayError::NotFound(format!("no dead letter {id:?}")))?;
+    let Some(mut call) = letter.call.clone() else {
+        queue
+            .store
+            .dead_letter(&letter)
+            .await
+            .map_err(unavailable)?;
+        return Err(GatewayError::BadRequest(format!(
+            "dead letter {id:?} holds a message that could not be read; it cannot be re-queued"
+        )));
+    };
+    call.requeues += 1;
+    let mut status = crate::queue::status::CallStatus::queued(&call, queue.default_policy.attempts);
+    status.error = Some(format!(
+        "re-queued from the dead letters ({})",
+        letter.reason
+    ));
+    let stored = async {
+        queue.store.put(&status).await.map_err(|e| e.to_string())?;
+        queue.publish(&call).await.map_err(|e| e.to_string())
+    };
+    if let Err(e) = stored.await {
+        // Keep the dead letter: nothing is lost when the re-queue fails.
+        let _ = queue.store.dead_letter(&letter).await;
+        return Err(GatewayError::Unavailable(format!(
+            "could not re-queue: {e}"
+        )));
+    }
+    if let Some(worker) = gw.queue_worker.get() {
+        worker.ensure_consumer(&call.queue, &call.namespace, &call.function);
+    }
+    Ok(json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({"call_id": call.call_id, "requeues": call.requeues}),
+    ))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Unavailable(format!("async call store: {e}"))
 }
 
 fn info(gw: &Gateway) -> serde_json::Value {

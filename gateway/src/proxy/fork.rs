@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,12 +13,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::CallContext;
 use super::headers;
 use crate::error::GatewayError;
-use crate::http::body::{Body, full, read_limited};
+use crate::http::body::{Body, RequestBody, full, read_limited};
 use crate::provider::ForkLauncher;
 
 pub async fn run(
     launcher: Arc<dyn ForkLauncher>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     ctx: &CallContext,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = req.into_parts();

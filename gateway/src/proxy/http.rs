@@ -5,14 +5,13 @@ use http::uri::Authority;
 use http::{Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::CallContext;
 use super::headers::{self, Peer};
 use crate::error::GatewayError;
-use crate::http::body::{Body, BoxError, IdleTimeoutBody, empty, too_large};
+use crate::http::body::{Body, BoxError, IdleTimeoutBody, RequestBody, empty, too_large};
 
 pub type HttpClient = Client<HttpConnector, Body>;
 
@@ -31,7 +30,7 @@ pub fn client() -> HttpClient {
 pub async fn forward(
     client: &HttpClient,
     authority: Authority,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     peer: &Peer,
     ctx: &CallContext,
 ) -> Result<Response<Body>, GatewayError> {
