@@ -39,6 +39,8 @@ pub async fn start(
         bin: bin.to_string(),
         source,
     })?;
+    let pid_file = store.join("nats-server.pid");
+    stop_orphan(&pid_file).await;
     let spawn = {
         let bin = bin.to_string();
         move || {
@@ -56,6 +58,8 @@ pub async fn start(
                 .arg(&store)
                 .arg("-l")
                 .arg(store.join("nats-server.log"))
+                .arg("-P")
+                .arg(store.join("nats-server.pid"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -107,4 +111,37 @@ pub async fn start(
         url: format!("nats://127.0.0.1:{port}"),
         pid,
     })
+}
+
+/// Kills a nats-server left on this store by a gateway that was killed (`kill -9`):
+/// two servers must never share a store directory.
+async fn stop_orphan(pid_file: &std::path::Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let store = pid_file
+        .parent()
+        .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
+        .unwrap_or_default();
+    let ours = cmdline.windows(11).any(|w| w == b"nats-server")
+        && !store.is_empty()
+        && cmdline.windows(store.len()).any(|w| w == store.as_slice());
+    if !ours {
+        return;
+    }
+    tracing::warn!(pid, "stopping a nats-server left behind on our store");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for _ in 0..100 {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -246,6 +246,21 @@ impl Drop for TestGateway {
             self.stop();
         }
         remove_cgroups(&self.cgroup_parent);
+        // A gateway killed with -9 leaves its embedded nats-server behind.
+        let pid_file = self.data.path().join("nats/nats-server.pid");
+        if let Some(pid) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let cmdline =
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.contains(self.data.path().to_str().unwrap_or("-")) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
@@ -319,4 +334,298 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         l.strip_prefix(series)
             .and_then(|rest| rest.trim().parse().ok())
     })
+}
+
+/// A real nats-server with JetStream on a loopback port (one node, or one of a cluster).
+pub struct TestNats {
+    pub url: String,
+    pub port: u16,
+    args: Vec<String>,
+    pub store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl TestNats {
+    pub fn start() -> Self {
+        Self::start_with(free_port(), Vec::new())
+    }
+
+    fn start_with(port: u16, extra: Vec<String>) -> Self {
+        let store = tempfile::Builder::new()
+            .prefix("tally-nats-")
+            .tempdir()
+            .unwrap();
+        let mut n = Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            args: extra,
+            store,
+            child: None,
+        };
+        n.spawn();
+        n
+    }
+
+    /// Three nodes clustered on loopback; returns them and the URL list for clients.
+    pub fn cluster() -> (Vec<TestNats>, String) {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, r)| format!("nats://127.0.0.1:{r}"))
+            .collect();
+        let nodes: Vec<TestNats> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, route))| {
+                let extra = vec![
+                    "-n".into(),
+                    format!("node{i}"),
+                    "--cluster_name".into(),
+                    "tally-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{route}"),
+                    "--routes".into(),
+                    routes.join(","),
+                ];
+                Self::start_with(*client, extra)
+            })
+            .collect();
+        let urls = nodes
+            .iter()
+            .map(|n| n.url.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        (nodes, urls)
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (run `cargo xtask setup`)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A callback received by [`CallbackSink`].
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub call_id: String,
+    pub status: String,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+    pub at: Instant,
+}
+
+/// An HTTP server on loopback that records every callback POSTed to it.
+pub struct CallbackSink {
+    pub url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    /// Status the sink answers with (to test callback retries).
+    pub answer: std::sync::Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl CallbackSink {
+    pub async fn start() -> Self {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/callback", listener.local_addr().unwrap());
+        let got: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = Default::default();
+        let answer = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let (got2, answer2) = (got.clone(), answer.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (got, answer) = (got2.clone(), answer2.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (got, answer) = (got.clone(), answer.clone());
+                            async move {
+                                let at = Instant::now();
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let h = |k: &str| {
+                                    parts
+                                        .headers
+                                        .get(k)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_string()
+                                };
+                                let code = answer.load(std::sync::atomic::Ordering::SeqCst);
+                                got.lock().unwrap().push(Received {
+                                    call_id: h("x-call-id"),
+                                    status: h("x-function-status"),
+                                    headers: parts.headers.clone(),
+                                    body,
+                                    at,
+                                });
+                                let mut r = http::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::new(),
+                                ));
+                                *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                                Ok::<_, std::convert::Infallible>(r)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { url, got, answer }
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until callbacks for `n` distinct call ids arrived.
+    pub async fn wait_for(&self, n: usize, limit: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let all = self.all();
+            let ids: std::collections::HashSet<&str> =
+                all.iter().map(|r| r.call_id.as_str()).collect();
+            if ids.len() >= n {
+                return all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} callbacks within {limit:?}",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_call(&self, call_id: &str, limit: Duration) -> Received {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(r) = self.all().into_iter().find(|r| r.call_id == call_id) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no callback for {call_id} within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl TestGateway {
+    /// `POST /async-function/{path}` with a callback to `callback`.
+    pub async fn enqueue(
+        &self,
+        path: &str,
+        callback: Option<&str>,
+        body: &'static str,
+    ) -> reqwest::Response {
+        let mut rb = self
+            .http
+            .post(self.url(&format!("/async-function/{path}")))
+            .body(body);
+        if let Some(cb) = callback {
+            rb = rb.header("X-Callback-Url", cb);
+        }
+        rb.send().await.unwrap()
+    }
+
+    pub async fn call_status(&self, call_id: &str) -> Value {
+        let r = self
+            .get_sys(&format!("/system/async/{call_id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "status of {call_id}");
+        r.json().await.unwrap()
+    }
+
+    /// Waits until the async API answers (the gateway connects to NATS in the background).
+    pub async fn wait_async_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self
+                .get_sys("/system/async-dead-letters")
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "async API never became ready: {}",
+                r.text().await.unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl CallbackSink {
+    pub async fn wait_call_where(
+        &self,
+        f: impl Fn(&Received) -> bool,
+        limit: Duration,
+    ) -> Received {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(r) = self.all().into_iter().find(|r| f(r)) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching callback within {limit:?}: {:?}",
+                self.all()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
