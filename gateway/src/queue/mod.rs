@@ -118,11 +118,16 @@ impl Queue {
                 url
             }
         };
+        let servers = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| QueueError::Unreachable(format!("invalid NATS URL {url:?}: {e}")))?;
         let client = async_nats::ConnectOptions::new()
             .name("tally-gateway")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
-            .connect(url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| QueueError::Unreachable(e.to_string()))?;
         let js = jetstream::new(client.clone());
