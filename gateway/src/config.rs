@@ -135,6 +135,11 @@ pub struct QueueConfig {
     #[arg(long, env = "TALLY_QUEUE_WORKER", default_value_t = true, action = clap::ArgAction::Set)]
     pub queue_worker: bool,
 
+    /// Invoke functions through the gateway at this URL instead of in process (to run
+    /// a queue-worker on its own; use the same credentials as that gateway).
+    #[arg(long, env = "TALLY_INVOKE_URL")]
+    pub invoke_url: Option<String>,
+
     /// Async invocations in flight per consumer.
     #[arg(long, env = "TALLY_QUEUE_MAX_INFLIGHT", default_value_t = 32)]
     pub queue_max_inflight: usize,

@@ -522,3 +522,149 @@ async fn static_mode_and_purge() {
     let got = sink.wait_for(4, Duration::from_secs(10)).await;
     assert_eq!(got.iter().filter(|r| &r.body[..] == b"a\n").count(), 2);
 }
+
+#[tokio::test]
+async fn a_queue_worker_on_its_own_invokes_through_the_gateway() {
+    let nats = TestNats::start();
+    let main = TestGateway::start(&["--nats-url", &nats.url.clone(), "--queue-worker", "false"]);
+    let secrets = main.data.path().join("secrets");
+    let worker = TestGateway::start(&[
+        "--nats-url",
+        &nats.url.clone(),
+        "--invoke-url",
+        &main.url.clone(),
+        "--secret-mount-path",
+        secrets.to_str().unwrap(),
+    ]);
+    let sink = CallbackSink::start().await;
+    let mut f = http_fn("web");
+    f["annotations"] =
+        json!({"com.openfaas.retry.attempts": "2", "com.openfaas.retry.min_wait": "100ms"});
+    main.deploy_ok(f).await;
+    main.wait_available("web", 1).await;
+    main.wait_async_ready().await;
+    let r = main
+        .http
+        .post(main.url("/async-function/web/echo?q=1"))
+        .header("X-Callback-Url", &sink.url)
+        .body("via worker")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let cb = sink.wait_for(1, Duration::from_secs(15)).await.remove(0);
+    assert_eq!(cb.status, "200");
+    let seen: Value = serde_json::from_slice(&cb.body).unwrap();
+    assert_eq!(
+        (seen["path"].as_str(), seen["body"].as_str()),
+        (Some("/echo?q=1"), Some("via worker"))
+    );
+    // It went through the main gateway's routing, and the worker's own counters.
+    let m = main.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_function_invocation_total{code=\"200\",function_name=\"web.openfaas-fn\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &worker.metrics().await,
+            "queue_worker_messages_processed_total"
+        ),
+        Some(1.0)
+    );
+    // The per-function retry annotations are read from the main gateway.
+    main.enqueue("web/status?code=500", Some(&sink.url), "")
+        .await;
+    let failed = sink
+        .wait_call_where(|r| r.status == "500", Duration::from_secs(15))
+        .await;
+    assert_eq!(failed.headers["x-retry-max"], "1");
+}
+
+#[tokio::test]
+async fn callbacks_that_refuse_or_hang_are_retried_a_bounded_number_of_times() {
+    let gw = TestGateway::start(&["--callback-attempts", "3", "--callback-timeout", "300ms"]);
+    gw.deploy_ok(fork_fn("ok", "echo ok")).await;
+    gw.wait_async_ready().await;
+    // Nothing listens on this port; and a listener that never answers.
+    let refused = format!("http://127.0.0.1:{}/cb", free_port());
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging = format!("http://{}/cb", hang.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let sink = CallbackSink::start().await;
+    sink.answer.store(500, std::sync::atomic::Ordering::SeqCst);
+    for (url, expect) in [
+        (refused.as_str(), "callback failed"),
+        (hanging.as_str(), "did not answer"),
+        (sink.url.as_str(), "answered 500"),
+    ] {
+        let r = gw.enqueue("ok", Some(url), "").await;
+        let id = r.headers()["x-call-id"].to_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = gw.call_status(&id).await;
+            if s["callback"].is_object() {
+                assert_eq!(s["state"], "succeeded", "the call itself worked: {s}");
+                assert_eq!(s["callback"]["attempts"], 3, "{s}");
+                assert!(
+                    s["callback"]["error"].as_str().unwrap().contains(expect),
+                    "{s}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "no callback outcome: {s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        sink.all().len(),
+        3,
+        "the 500-answering receiver saw every attempt"
+    );
+    assert_eq!(
+        metric(
+            &gw.metrics().await,
+            "queue_worker_callbacks_total{result=\"failed\"}"
+        ),
+        Some(3.0)
+    );
+}
+
+#[tokio::test]
+async fn a_nats_restart_with_1000_calls_queued_loses_none() {
+    let mut nats = TestNats::start();
+    let url = nats.url.clone();
+    let mut gw = TestGateway::start(&["--nats-url", &url, "--queue-worker", "false"]);
+    let sink = CallbackSink::start().await;
+    gw.deploy_ok(fork_fn("q", "echo queued")).await;
+    gw.wait_async_ready().await;
+    let ids: Vec<String> = (0..1000).map(|i| format!("q-{i:04}")).collect();
+    for chunk in ids.chunks(50) {
+        let sends = chunk.iter().map(|id| {
+            gw.http
+                .post(gw.url("/async-function/q"))
+                .header("X-Call-Id", id)
+                .header("X-Callback-Url", &sink.url)
+                .send()
+        });
+        for r in futures_util::future::join_all(sends).await {
+            assert_eq!(r.unwrap().status(), 202);
+        }
+    }
+    nats.kill();
+    nats.spawn();
+    gw.stop();
+    gw.args = vec!["--nats-url".into(), url];
+    gw.spawn();
+    let got = sink.wait_for(1000, Duration::from_secs(60)).await;
+    let seen: std::collections::HashSet<&str> = got.iter().map(|r| r.call_id.as_str()).collect();
+    assert!(ids.iter().all(|id| seen.contains(id.as_str())));
+}

@@ -3,6 +3,7 @@
 
 pub mod callback;
 pub mod embedded;
+pub mod invoker;
 
 pub mod retry;
 pub mod status;

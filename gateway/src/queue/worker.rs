@@ -10,18 +10,18 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt;
-use http::{HeaderMap, Request};
+use http::HeaderMap;
 use rand::Rng;
 use tokio::sync::Semaphore;
 
 use super::callback::{self, Callback, CallbackClient};
+use super::invoker::{Invoker, Lookup};
 use super::retry::{Decision, decide};
 use super::status::{CallStatus, DeadLetter, State};
 use super::{AsyncCall, Queue, QueueError, js_err, stream_name};
 use crate::Gateway;
 use crate::config::QueueMode;
 use crate::names::{FunctionName, FunctionRef, Namespace};
-use crate::proxy::headers::Peer;
 
 const STATIC_CONSUMER: &str = "tally_queue_worker";
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
@@ -39,6 +39,7 @@ pub struct QueueWorker {
     running: Mutex<HashSet<ConsumerKey>>,
     callbacks: CallbackClient,
     gateway: std::sync::Weak<Gateway>,
+    invoker: Invoker,
 }
 
 impl QueueWorker {
@@ -50,6 +51,7 @@ impl QueueWorker {
             running: Mutex::default(),
             callbacks: callback::client(),
             gateway: Arc::downgrade(gw),
+            invoker: Invoker::for_gateway(gw),
         });
         tokio::spawn(worker.clone().reconcile());
         worker
@@ -252,9 +254,16 @@ impl QueueWorker {
             }
         };
         let existing = self.queue.store.get(&call.call_id).await.ok().flatten();
-        let deployed = match gw.provider.get(&function) {
-            Ok(s) => s,
-            Err(e) => {
+        let annotations = match self.invoker.lookup(&gw, &function).await {
+            Lookup::Found(a) => a,
+            Lookup::Unavailable(why) => {
+                tracing::warn!(call_id = %call.call_id, "cannot look up {label}: {why}; trying again in 2 s");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+                return;
+            }
+            Lookup::Gone(e) => {
                 let mut st = existing.unwrap_or_else(|| CallStatus::queued(&call, delivered));
                 st.attempt = delivered;
                 let why = format!("{e} (deleted while the call was queued)");
@@ -276,7 +285,7 @@ impl QueueWorker {
         let (policy, problems) = self
             .queue
             .default_policy
-            .with_annotations(deployed.annotations.as_ref());
+            .with_annotations(annotations.as_ref());
         for p in problems {
             tracing::warn!(function = %label, "{p}; using the default");
         }
@@ -293,7 +302,7 @@ impl QueueWorker {
         let msg = Arc::new(msg);
         let lease = tokio::spawn(keep_lease(msg.clone(), self.queue.config.ack_wait));
         let started = Instant::now();
-        let (code, headers, body) = invoke(&gw, &call).await;
+        let (code, headers, body) = self.invoker.invoke(&gw, &call).await;
         let took = started.elapsed();
         lease.abort();
         inflight.dec();
@@ -463,52 +472,6 @@ async fn keep_lease(msg: Arc<jetstream::Message>, ack_wait: Duration) {
         tokio::time::sleep(every).await;
         if let Err(e) = msg.ack_with(AckKind::Progress).await {
             tracing::debug!("in-progress ack: {e}");
-        }
-    }
-}
-
-/// Runs the call through the gateway's own routing, as a sync call would be.
-async fn invoke(gw: &Arc<Gateway>, call: &AsyncCall) -> (u16, HeaderMap, Bytes) {
-    let uri = match &call.query {
-        Some(q) => format!("/?{q}"),
-        None => "/".to_string(),
-    };
-    let mut builder = Request::builder().method(call.method.as_str()).uri(uri);
-    for (k, v) in &call.headers {
-        builder = builder.header(k, v);
-    }
-    let body = crate::http::body::RequestBody::Buffered(http_body_util::Full::new(Bytes::from(
-        call.body.clone(),
-    )));
-    let req = match builder.body(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return (
-                400,
-                HeaderMap::new(),
-                Bytes::from(format!("invalid stored request: {e}")),
-            );
-        }
-    };
-    let rest = format!("{}.{}{}", call.function, call.namespace, call.path);
-    let peer = Peer::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-    match crate::http::invoke::invoke(gw, req, &rest, &peer).await {
-        Err(e) => (
-            e.status().as_u16(),
-            HeaderMap::new(),
-            Bytes::from(format!("{e}\n")),
-        ),
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            let limit = usize::try_from(gw.config.max_body_bytes).unwrap_or(usize::MAX);
-            match crate::http::body::collect_capped(body, limit).await {
-                Ok(b) => (parts.status.as_u16(), parts.headers, b),
-                Err(e) => (
-                    502,
-                    HeaderMap::new(),
-                    Bytes::from(format!("reading the function's response: {e}\n")),
-                ),
-            }
         }
     }
 }
