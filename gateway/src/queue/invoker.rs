@@ -36,7 +36,7 @@ pub enum Invoker {
     Remote {
         base: String,
         auth: Option<String>,
-        client: Client,
+        client: Box<Client>,
     },
 }
 
@@ -47,11 +47,13 @@ impl Invoker {
             Some(base) => Self::Remote {
                 base: base.trim_end_matches('/').to_string(),
                 auth: gw.credentials.as_ref().map(|c| c.header_value()),
-                client: hyper_util::client::legacy::Client::builder(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build_http(),
+                client: Box::new(
+                    hyper_util::client::legacy::Client::builder(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build_http(),
+                ),
             },
         }
     }
