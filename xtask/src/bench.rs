@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: throughput and latency of a tiny http-mode function, direct vs
-//! through the gateway in the same run (wrk), and cold starts from zero (fork and http).
+//! `cargo xtask bench sync`: throughput and latency of a tiny http-mode function, direct
+//! vs through the gateway in the same run (wrk), and cold starts from zero (fork, http).
+//! `cargo xtask bench async`: async calls accepted/s and completed/s with callbacks on.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -12,8 +13,17 @@ use serde_json::json;
 
 use crate::{basic_auth, root, run_cmd};
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Which {
+    Sync,
+    Async,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
+    /// Which benchmark.
+    #[arg(value_enum)]
+    which: Which,
     /// Seconds per wrk run.
     #[arg(long, default_value_t = 8)]
     seconds: u32,
@@ -49,6 +59,9 @@ impl Drop for Guard {
 
 pub fn run(args: Args) -> Result<()> {
     crate::setup::ensure_all()?;
+    if let Which::Async = args.which {
+        return run_async(&args);
+    }
     run_cmd(Command::new("cargo").args([
         "build",
         "--release",
@@ -295,4 +308,124 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Async: wrk POSTs to /async-function for `seconds` (accepted/s, enqueue latency), then
+/// the run waits until the queue-worker has completed every call, callbacks included.
+fn run_async(args: &Args) -> Result<()> {
+    run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "gateway",
+        "-p",
+        "hello-rust",
+    ]))?;
+    let bin = root().join("target/release");
+    let data = std::env::temp_dir().join(format!("tally-bench-async-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(data.join("functions"))?;
+    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+    // The callback receiver: another hello-rust, which answers 200 to anything.
+    let cb_port = free_port()?;
+    let _receiver = Guard(
+        Command::new(bin.join("hello-rust"))
+            .env("PORT", cb_port.to_string())
+            .spawn()?,
+    );
+    let (gateway, url, auth) = start_gateway(&bin, &data)?;
+    let _gateway = Guard(gateway);
+    let agent = agent();
+    deploy(
+        &agent,
+        &url,
+        &auth,
+        json!({"service": "noop", "image": "bench/noop", "envProcess": "./hello-rust", "envVars": {"mode": "http"}}),
+    )?;
+    wait_ok(&agent, &format!("{url}/function/noop"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent
+        .get(&format!("{url}/system/async-dead-letters"))
+        .header("Authorization", &auth)
+        .call()?
+        .status()
+        != 200
+    {
+        if Instant::now() > deadline {
+            bail!("async API not ready");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let script = data.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"X-Callback-Url\"] = \"http://127.0.0.1:{cb_port}/cb\"\nwrk.body = \"\"\n"
+        ),
+    )?;
+    let started = Instant::now();
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{}", args.connections),
+            &format!("-d{}s", args.seconds),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(format!("{url}/async-function/noop"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk saw errors:\n{text}");
+    }
+    let accepted_rps: f64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .context("no Requests/sec")?
+        .trim()
+        .parse()?;
+    let field = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .map(str::trim)
+            .context("no latency")
+    };
+    let (p50, p99) = (ms(field("50%")?)?, ms(field("99%")?)?);
+    let metric = |name: &str| -> Result<f64> {
+        let mut r = agent.get(&format!("{url}/metrics")).call()?;
+        let body = r.body_mut().read_to_string()?;
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0))
+    };
+    // Let the last requests wrk cut off settle before counting.
+    std::thread::sleep(Duration::from_millis(500));
+    let submitted = metric("queue_worker_messages_submitted_total")?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while metric("queue_worker_messages_processed_total")? < submitted {
+        if Instant::now() > deadline {
+            bail!("the queue-worker did not finish within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let delivered = metric("queue_worker_callbacks_total{result=\"delivered\"}")?;
+    let _ = std::fs::remove_dir_all(&data);
+    println!("| async (no-op http function, callbacks on) | value |");
+    println!("|---|---|");
+    println!(
+        "| calls accepted (202) | {submitted:.0} in {}s |",
+        args.seconds
+    );
+    println!("| accepted/s | {accepted_rps:.0} |");
+    println!("| enqueue latency p50 / p99 ms | {p50:.2} / {p99:.2} |");
+    println!(
+        "| completed/s (first accept to last callback) | {:.0} |",
+        submitted / elapsed
+    );
+    println!("| callbacks delivered | {delivered:.0} |");
+    Ok(())
 }

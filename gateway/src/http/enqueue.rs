@@ -74,11 +74,13 @@ pub async fn enqueue(
         .default_policy
         .with_annotations(status.annotations.as_ref());
     let queued = CallStatus::queued(&call, policy.attempts);
-    // The status first: a fast worker may finish the call before a later write.
+    // Both writes at once. "queued" is only created, never overwritten, so a worker that
+    // already wrote "running" (or the result) wins whichever write lands first.
     let timeout = std::time::Duration::from_secs(10);
     let stored = tokio::time::timeout(timeout, async {
-        queue.store.put(&queued).await.map_err(|e| e.to_string())?;
-        queue.publish(&call).await.map_err(|e| e.to_string())
+        let (status, published) = tokio::join!(queue.store.create(&queued), queue.publish(&call));
+        published.map_err(|e| e.to_string())?;
+        status.map_err(|e| e.to_string())
     })
     .await;
     let failure = match stored {

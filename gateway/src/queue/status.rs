@@ -171,6 +171,16 @@ impl Store {
         Ok(())
     }
 
+    /// Writes `status` unless the call already has one (which is then newer).
+    pub async fn create(&self, status: &CallStatus) -> Result<(), StoreError> {
+        let bytes = Bytes::from(serde_json::to_vec(status)?);
+        match self.calls.create(key(&status.call_id), bytes).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(kv_err(e)),
+        }
+    }
+
     pub async fn get(&self, call_id: &str) -> Result<Option<CallStatus>, StoreError> {
         match self.calls.get(key(call_id)).await.map_err(kv_err)? {
             None => Ok(None),

@@ -253,7 +253,6 @@ impl QueueWorker {
                 return;
             }
         };
-        let existing = self.queue.store.get(&call.call_id).await.ok().flatten();
         let annotations = match self.invoker.lookup(&gw, &function).await {
             Lookup::Found(a) => a,
             Lookup::Unavailable(why) => {
@@ -264,7 +263,7 @@ impl QueueWorker {
                 return;
             }
             Lookup::Gone(e) => {
-                let mut st = existing.unwrap_or_else(|| CallStatus::queued(&call, delivered));
+                let mut st = CallStatus::queued(&call, delivered);
                 st.attempt = delivered;
                 let why = format!("{e} (deleted while the call was queued)");
                 self.finish(
@@ -289,7 +288,8 @@ impl QueueWorker {
         for p in problems {
             tracing::warn!(function = %label, "{p}; using the default");
         }
-        let mut st = existing.unwrap_or_else(|| CallStatus::queued(&call, policy.attempts));
+        // Everything the status holds so far is in the call itself: no read needed.
+        let mut st = CallStatus::queued(&call, policy.attempts);
         st.state = State::Running;
         st.attempt = delivered;
         st.max_attempts = policy.attempts;
