@@ -1,0 +1,145 @@
+//! Records shared by the kernel programs (`agent-ebpf`) and the agent's user space.
+//! Every type is `#[repr(C)]` plain data; `aya::Pod` comes with the `user` feature.
+#![no_std]
+#![deny(unsafe_code)]
+
+/// Bytes of each request head copied to user space (enough for the request line and the
+/// headers that carry `X-Call-Id`). A power of two so the kernel side can mask sizes.
+pub const HEAD_LEN: usize = 1024;
+/// Longest call id the kernel copies out of a fork-mode process's environment.
+pub const CALL_ID_LEN: usize = 64;
+/// The environment variable the gateway sets on fork-mode processes.
+pub const CALL_ID_ENV: &[u8] = b"Http_X_Call_Id=";
+
+/// Value of the watched-cgroup map: how the replica in that cgroup serves requests.
+pub mod mode {
+    /// A process per request: metered from exec to exit.
+    pub const FORK: u32 = 1;
+    /// A long-running HTTP/1.x server: metered per request on its accepted sockets.
+    pub const HTTP: u32 = 2;
+}
+
+/// Slots of the per-CPU `STATS` array: things the kernel side had to give up on.
+pub mod stat {
+    pub const PROCESS_RINGBUF_FULL: u32 = 0;
+    pub const HTTP_RINGBUF_FULL: u32 = 1;
+    pub const CONN_MAP_FULL: u32 = 2;
+    pub const PROCESS_MAP_FULL: u32 = 3;
+    pub const MM_MAP_FULL: u32 = 4;
+    pub const CGROUP_MEM_MAP_FULL: u32 = 5;
+    pub const COUNT: u32 = 8;
+}
+
+/// Why an HTTP exchange was considered finished.
+pub mod end {
+    /// The bytes written reached the header length plus `Content-Length`.
+    pub const CONTENT_LENGTH: u8 = 1;
+    /// A write ended with the chunked terminator `0\r\n\r\n`.
+    pub const CHUNKED: u8 = 2;
+    /// Length unknown: closed when the next request arrived (end = last write).
+    pub const NEXT_REQUEST: u8 = 3;
+    /// Length unknown or incomplete: closed when the socket was closed (end = last write).
+    pub const CLOSE: u8 = 4;
+}
+
+/// Connection states kept in [`HttpRecord::state`].
+pub mod conn {
+    pub const IDLE: u8 = 0;
+    pub const REQUEST: u8 = 1;
+    pub const RESPONSE: u8 = 2;
+}
+
+/// Process flags in [`ProcessRecord::flags`].
+pub mod proc_flag {
+    /// Forked by a process that was already being metered (a function's child).
+    pub const CHILD: u32 = 1;
+}
+
+/// One process of a fork-mode replica, from its first exec to the exit of its last thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessRecord {
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at `sched_process_exec`; 0 until exec.
+    pub start_ns: u64,
+    /// CLOCK_MONOTONIC at `sched_process_exit` of the last thread.
+    pub end_ns: u64,
+    /// Peak of file + anon + shmem RSS of the exec'd address space, from `kmem:rss_stat`.
+    pub peak_rss_bytes: u64,
+    /// On-CPU time of all its threads (sched_switch accounting); 0 when unknown.
+    pub cpu_ns: u64,
+    pub tgid: u32,
+    /// `exit_group` code; -1 when the process died without calling it (a signal).
+    pub exit_code: i32,
+    pub flags: u32,
+    /// Last `mm_id` (kmem:rss_stat hash) seen for this process as `current`.
+    pub mm_id: u32,
+    pub call_id_len: u32,
+    pub _pad: u32,
+    pub call_id: [u8; CALL_ID_LEN],
+}
+
+/// Per-connection state of an http-mode replica; the same bytes go to user space when a
+/// request/response exchange completes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRecord {
+    pub cgroup_id: u64,
+    /// Exit of the read that returned the request line.
+    pub request_ns: u64,
+    /// Exit of the write that began with `HTTP/1.`.
+    pub response_ns: u64,
+    /// Exit of the last write of the response.
+    pub end_ns: u64,
+    /// Response bytes written so far.
+    pub bytes_out: u64,
+    /// Header length + Content-Length when known, else 0.
+    pub expected_out: u64,
+    /// Peak RSS of the replica's cgroup over the exchange (see the `rss` program).
+    pub peak_rss_bytes: u64,
+    /// Exchanges completed on this connection before this one.
+    pub seq: u64,
+    pub tgid: u32,
+    pub fd: u32,
+    pub status: u16,
+    pub state: u8,
+    pub end_reason: u8,
+    pub chunked: u8,
+    pub _pad: [u8; 3],
+    pub head_len: u32,
+    pub _pad2: u32,
+    pub head: [u8; HEAD_LEN],
+}
+
+/// Resident-set counters of one address space (`mm_id`), as `kmem:rss_stat` reports them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmState {
+    /// Bytes per member: 0 file, 1 anon, 2 swap (ignored), 3 shmem.
+    pub members: [i64; 4],
+    pub peak: u64,
+}
+
+/// Resident memory of a replica's cgroup, with the peak since the oldest open exchange.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CgroupMem {
+    pub current: i64,
+    pub peak: u64,
+    /// Exchanges (requests or fork-mode processes) open right now.
+    pub active: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type below is #[repr(C)], Copy, made only of integers and byte arrays,
+    // with explicit padding fields, so any bit pattern is a valid value.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::ProcessRecord {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::HttpRecord {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::MmState {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::CgroupMem {}
+}

@@ -1,0 +1,54 @@
+//! `sched:sched_process_exit`: when the last thread of a metered process exits, its record
+//! (exec → exit, peak RSS of its address space, exit code) goes to user space.
+
+use agent_common::{ProcessRecord, mode, stat};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
+
+use super::{EXITED, MMS, PROCESS_EVENTS, PROCS, count, now, watched};
+
+/// Offsets in the tracepoint record (see its `format` file).
+const PID: usize = 24;
+const GROUP_DEAD: usize = 32;
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn tally_exit(ctx: TracePointContext) -> u32 {
+    let Some((_, m)) = watched() else { return 0 };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: reading the tracepoint record at offsets from its format file.
+    let (pid, group_dead) = unsafe {
+        (
+            ctx.read_at::<i32>(PID).unwrap_or(0) as u32,
+            ctx.read_at::<u8>(GROUP_DEAD).unwrap_or(0),
+        )
+    };
+    if group_dead == 0 {
+        // A thread: drop the entry sched_process_fork made for it, if any.
+        if pid != tgid {
+            let _ = PROCS.remove(pid);
+        }
+        return 0;
+    }
+    if m == mode::HTTP {
+        // Its sockets close without close(2): user space ends their open exchanges then.
+        let _ = EXITED.insert(tgid, now(), 0);
+        return 0;
+    }
+    let Some(p) = PROCS.get_ptr_mut(tgid) else {
+        return 0;
+    };
+    // SAFETY: `p` points into PROCS and the process is exiting: nothing else writes it.
+    unsafe {
+        super::cpu::settle(p, true);
+        (*p).end_ns = now();
+        if let Some(mm) = MMS.get((*p).mm_id) {
+            (*p).peak_rss_bytes = mm.peak;
+        }
+        if PROCESS_EVENTS.output::<ProcessRecord>(&*p, 0).is_err() {
+            count(&ctx, stat::PROCESS_RINGBUF_FULL);
+        }
+    }
+    let _ = PROCS.remove(tgid);
+    0
+}

@@ -1,0 +1,233 @@
+//! The HTTP/1.x exchange state machine shared by the read/write/close programs: a request
+//! starts at a read that begins with a method, a response at a write that begins `HTTP/1.`,
+//! and ends when its length is reached, at a chunked terminator, or at the next request/close.
+
+use agent_common::{HEAD_LEN, HttpRecord, conn, end, stat};
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw},
+    programs::TracePointContext,
+};
+
+use super::{CGROUP_MEM, HTTP_EVENTS, SCAN_LEN, SCRATCH, count, now};
+
+/// Method tokens (first four bytes) that begin an HTTP/1.x request line.
+const METHODS: [[u8; 4]; 9] = [
+    *b"GET ", *b"POST", *b"PUT ", *b"HEAD", *b"DELE", *b"PATC", *b"OPTI", *b"CONN", *b"TRAC",
+];
+
+/// First bytes of a read: does it begin a request line?
+#[inline(always)]
+pub fn is_request(first: &[u8; 8]) -> bool {
+    let mut i = 0;
+    while i < METHODS.len() {
+        if first[..4] == METHODS[i] {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Opens an exchange on `c` for a request whose first `len` bytes are at `data`.
+#[inline(always)]
+pub fn start_request(
+    ctx: &TracePointContext,
+    c: *mut HttpRecord,
+    key: u64,
+    cgroup_id: u64,
+    data: u64,
+    len: u64,
+) {
+    // SAFETY: `c` points into CONNS; one thread drives one connection at a time.
+    unsafe {
+        match (*c).state {
+            conn::RESPONSE => finish(ctx, c, end::NEXT_REQUEST),
+            conn::REQUEST => finish(ctx, c, end::NEXT_REQUEST),
+            _ => {}
+        }
+        (*c).cgroup_id = cgroup_id;
+        (*c).tgid = (key >> 32) as u32;
+        (*c).fd = key as u32;
+        (*c).request_ns = now();
+        (*c).response_ns = 0;
+        (*c).end_ns = 0;
+        (*c).bytes_out = 0;
+        (*c).expected_out = 0;
+        (*c).status = 0;
+        (*c).chunked = 0;
+        (*c).end_reason = 0;
+        (*c).state = conn::REQUEST;
+        let n = if len > HEAD_LEN as u64 {
+            HEAD_LEN as u32
+        } else {
+            len as u32
+        };
+        let n = n & (2 * HEAD_LEN as u32 - 1);
+        let n = if n > HEAD_LEN as u32 {
+            HEAD_LEN as u32
+        } else {
+            n
+        };
+        (*c).head_len = n;
+        read_user_raw((*c).head.as_mut_ptr().cast(), n, data as *const _);
+    }
+    if let Some(cg) = CGROUP_MEM.get_ptr_mut(cgroup_id) {
+        // SAFETY: `cg` points into CGROUP_MEM.
+        unsafe {
+            if (*cg).active == 0 {
+                (*cg).peak = if (*cg).current > 0 {
+                    (*cg).current as u64
+                } else {
+                    0
+                };
+            }
+            (*cg).active += 1;
+        }
+    }
+}
+
+/// Accounts `written` bytes (the first segment at `seg`, `seg_len` long) of a write on `c`.
+#[inline(always)]
+pub fn on_write(
+    ctx: &TracePointContext,
+    c: *mut HttpRecord,
+    seg: u64,
+    seg_len: u64,
+    written: u64,
+    tail: u64,
+) {
+    // SAFETY: `c` points into CONNS; user memory is read through checked helpers.
+    unsafe {
+        if (*c).state == conn::REQUEST {
+            let Ok(first) = bpf_probe_read_user(seg as *const [u8; 12]) else {
+                return;
+            };
+            if first[..7] != *b"HTTP/1." || first[9] == b'1' {
+                return; // not a response, or an interim 1xx
+            }
+            (*c).status = (first[9].wrapping_sub(b'0') as u16) * 100
+                + (first[10].wrapping_sub(b'0') as u16) * 10
+                + first[11].wrapping_sub(b'0') as u16;
+            (*c).response_ns = now();
+            (*c).state = conn::RESPONSE;
+            scan_headers(c, seg, if seg_len < written { seg_len } else { written });
+        }
+        if (*c).state != conn::RESPONSE {
+            return;
+        }
+        (*c).bytes_out += written;
+        (*c).end_ns = now();
+        if (*c).expected_out > 0 && (*c).bytes_out >= (*c).expected_out {
+            finish(ctx, c, end::CONTENT_LENGTH);
+        } else if (*c).chunked == 1 && tail != 0 {
+            if let Ok(t) = bpf_probe_read_user(tail as *const [u8; 5]) {
+                if t == *b"0\r\n\r\n" {
+                    finish(ctx, c, end::CHUNKED);
+                }
+            }
+        }
+    }
+}
+
+/// Finds the header end, `Content-Length` and `Transfer-Encoding` in a response's first bytes.
+///
+/// Written for the verifier: the scan loop keeps its findings in map memory (volatile
+/// stores), so the states of successive iterations differ only in the index and stay few;
+/// the number itself is parsed once after the loop.
+#[inline(always)]
+unsafe fn scan_headers(c: *mut HttpRecord, seg: u64, len: u64) {
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let n = if len > SCAN_LEN as u64 {
+        SCAN_LEN
+    } else {
+        len as usize
+    };
+    // SAFETY: the scratch slot is this CPU's; user memory is read through the helper.
+    unsafe {
+        let buf = &mut (*sc).buf;
+        if read_user_raw(buf.as_mut_ptr().cast(), SCAN_LEN as u32, seg as *const _) < 0
+            && read_user_raw(
+                buf.as_mut_ptr().cast(),
+                (n & (SCAN_LEN - 1)) as u32,
+                seg as *const _,
+            ) < 0
+        {
+            return;
+        }
+        write_volatile(&mut (*sc).length_at, 0);
+        write_volatile(&mut (*sc).header_end, 0);
+        let mut i = 0usize;
+        while i < SCAN_LEN - 24 {
+            if i + 2 >= n {
+                break; // buf[i..=i + 2] must lie within the written bytes
+            }
+            if buf[i] == b'\n' {
+                let s = i + 1;
+                if buf[s] == b'\r' {
+                    write_volatile(&mut (*sc).header_end, (s + 2) as u64);
+                    break;
+                }
+                let c1 = buf[s] | 0x20;
+                // "content-length:" / "transfer-encoding:" by their fixed punctuation.
+                if c1 == b'c'
+                    && buf[s + 7] == b'-'
+                    && buf[s + 8] | 0x20 == b'l'
+                    && buf[s + 14] == b':'
+                {
+                    write_volatile(&mut (*sc).length_at, (s + 15) as u64);
+                } else if c1 == b't' && buf[s + 8] == b'-' && buf[s + 17] == b':' {
+                    write_volatile(&mut (*c).chunked, 1);
+                }
+            }
+            i += 1;
+        }
+        let header_end = read_volatile(&(*sc).header_end);
+        let at = read_volatile(&(*sc).length_at) as usize;
+        if header_end == 0 || at == 0 {
+            return; // header end or length not within the first write: length unknown
+        }
+        let mut value: u64 = 0;
+        let mut digits = 0;
+        let mut k = 0;
+        while k < 24 {
+            let d = buf[(at + k) & (SCAN_LEN - 1)];
+            if d.is_ascii_digit() {
+                value = value * 10 + (d - b'0') as u64;
+                digits += 1;
+            } else if d != b' ' || digits > 0 {
+                break;
+            }
+            k += 1;
+        }
+        if digits > 0 {
+            (*c).expected_out = header_end + value;
+        }
+    }
+}
+
+/// Sends the exchange on `c` to user space and makes the connection idle again.
+#[inline(always)]
+pub fn finish(ctx: &TracePointContext, c: *mut HttpRecord, reason: u8) {
+    // SAFETY: `c` points into CONNS.
+    unsafe {
+        (*c).end_reason = reason;
+        if (*c).end_ns == 0 {
+            (*c).end_ns = now();
+        }
+        if let Some(cg) = CGROUP_MEM.get_ptr_mut((*c).cgroup_id) {
+            (*c).peak_rss_bytes = (*cg).peak;
+            if (*cg).active > 0 {
+                (*cg).active -= 1;
+            }
+        }
+        if HTTP_EVENTS.output::<HttpRecord>(&*c, 0).is_err() {
+            count(ctx, stat::HTTP_RINGBUF_FULL);
+        }
+        (*c).seq += 1;
+        (*c).state = conn::IDLE;
+    }
+}

@@ -1,0 +1,161 @@
+//! The maps every program shares, the cgroup filter they all check first, and the drop
+//! counter. Each tracepoint program lives in its own file below.
+
+mod cpu;
+mod exec;
+mod execve;
+mod exit;
+mod exit_group;
+mod fork;
+mod http;
+mod rss;
+mod sys_conn;
+mod sys_read;
+mod sys_write;
+
+use agent_common::{CgroupMem, HttpRecord, MmState, ProcessRecord, stat};
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+
+/// cgroup v2 id (directory inode) → `agent_common::mode`; filled by user space.
+#[map]
+pub static WATCHED: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+/// Fork-mode processes being metered, by tgid.
+#[map]
+pub static PROCS: HashMap<u32, ProcessRecord> = HashMap::with_max_entries(16384, 0);
+/// HTTP connections of http-mode replicas, by `tgid << 32 | fd`.
+#[map]
+pub static CONNS: HashMap<u64, HttpRecord> = HashMap::with_max_entries(16384, 0);
+/// Arguments of a read/write syscall between its enter and exit, by pid_tgid.
+#[map]
+pub static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(8192, 0);
+/// RSS counters per address space (`kmem:rss_stat` mm_id); LRU so dead ones age out.
+#[map]
+pub static MMS: LruHashMap<u32, MmState> = LruHashMap::with_max_entries(16384, 0);
+/// Per CPU: the thread last switched in and when (for on-CPU time).
+#[map]
+pub static ONCPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct OnCpu {
+    pub since: u64,
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// Exit time of http-mode processes (tgid), for the user-space sweep of their connections.
+#[map]
+pub static EXITED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+/// Resident memory per watched cgroup; user space creates the entry with the watch.
+#[map]
+pub static CGROUP_MEM: HashMap<u64, CgroupMem> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+#[map]
+pub static HTTP_EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+/// Things the kernel side had to give up on, by `agent_common::stat` slot.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+/// Never written: a zeroed record to insert from (BPF stacks are too small to build one).
+#[map]
+pub static ZERO_CONN: PerCpuArray<HttpRecord> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static ZERO_PROC: PerCpuArray<ProcessRecord> = PerCpuArray::with_max_entries(1, 0);
+/// Scratch space for scanning response headers.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU working memory of the response-header scan.
+#[repr(C)]
+pub struct Scratch {
+    pub buf: [u8; SCAN_LEN],
+    /// Offset of the `Content-Length` value, 0 if not seen.
+    pub length_at: u64,
+    /// Length of the header block including the blank line, 0 if not seen.
+    pub header_end: u64,
+}
+
+/// Response bytes scanned for `Content-Length` / `Transfer-Encoding`.
+pub const SCAN_LEN: usize = 512;
+
+/// What a read/write syscall was asked to do, kept from enter to exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SyscallArgs {
+    pub buf: u64,
+    pub fd: u32,
+    /// 1 when `buf` points to an iovec array (readv/writev).
+    pub vectored: u32,
+}
+
+/// The replica the current task belongs to: `(cgroup id, mode)`, or `None` for every
+/// other process on the node — the one lookup they pay.
+#[inline(always)]
+pub fn watched() -> Option<(u64, u32)> {
+    // SAFETY: the helper has no preconditions.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: values are plain u32s that user space only replaces whole.
+    let mode = unsafe { WATCHED.get(&id) }?;
+    Some((id, *mode))
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Counts a give-up in `STATS` and says so through aya-log.
+#[inline(always)]
+pub fn count(ctx: &TracePointContext, slot: u32) {
+    if let Some(v) = STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, written only by this CPU.
+        unsafe { *v += 1 };
+    }
+    aya_log_ebpf::warn!(ctx, "tally: dropped (stat slot {})", slot);
+}
+
+/// The PROCS entry of `tgid`, created (exit code -1 = "no exit_group seen") if absent;
+/// `None` only when the map is full.
+#[inline(always)]
+pub fn proc_entry(tgid: u32) -> Option<*mut ProcessRecord> {
+    if let Some(p) = PROCS.get_ptr_mut(tgid) {
+        return Some(p);
+    }
+    let zero = ZERO_PROC.get_ptr(0)?;
+    // SAFETY: `zero` points at a map value of the right type that nothing writes.
+    PROCS.insert(tgid, unsafe { &*zero }, 0).ok()?;
+    let p = PROCS.get_ptr_mut(tgid)?;
+    // SAFETY: `p` was just returned by the map for this key.
+    unsafe {
+        (*p).tgid = tgid;
+        (*p).exit_code = -1;
+    }
+    Some(p)
+}
+
+/// The CONNS entry of `key`, created zeroed if absent; `None` only when the map is full.
+#[inline(always)]
+pub fn conn_entry(key: u64) -> Option<*mut HttpRecord> {
+    if let Some(c) = CONNS.get_ptr_mut(key) {
+        return Some(c);
+    }
+    let zero = ZERO_CONN.get_ptr(0)?;
+    // SAFETY: `zero` points at a map value of the right type that nothing writes.
+    CONNS.insert(key, unsafe { &*zero }, 0).ok()?;
+    CONNS.get_ptr_mut(key)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,58 @@
+//! The agent's configuration: command-line flags with `TALLY_*` environment fallbacks,
+//! parsed in one place into plain data.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+/// Tally's node agent: meters function invocations in the kernel with eBPF.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "agent", version)]
+pub struct Config {
+    /// The gateway: replicas come from `/system/replicas`, usage goes to `/system/usage`.
+    #[arg(
+        long,
+        env = "TALLY_GATEWAY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub gateway_url: String,
+    /// Where `/metrics` is served.
+    #[arg(long, env = "TALLY_METRICS_LISTEN", default_value = "127.0.0.1:9102")]
+    pub metrics_listen: SocketAddr,
+    /// Directory with `basic-auth-user` and `basic-auth-password` (as the gateway's).
+    #[arg(
+        long,
+        env = "secret_mount_path",
+        default_value = "/var/openfaas/secrets"
+    )]
+    pub secret_mount_path: PathBuf,
+    /// How often replicas are polled, in milliseconds.
+    #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+    /// Usage events kept while the gateway is unreachable.
+    #[arg(long, env = "TALLY_BUFFER_CAPACITY", default_value_t = 100_000)]
+    pub buffer_capacity: usize,
+    /// Usage events per POST.
+    #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+}
+
+impl Config {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.max(50))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_flags() {
+        let c =
+            Config::try_parse_from(["agent", "--metrics-listen", "127.0.0.1:0"]).expect("parse");
+        assert_eq!(c.gateway_url, "http://127.0.0.1:8080");
+        assert_eq!(c.metrics_listen.port(), 0);
+        assert!(Config::try_parse_from(["agent", "--metrics-listen", "nope"]).is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! The usage event: one per invocation, measured in the kernel, as the gateway ingests it
+//! (`POST /system/usage`, a JSON array of these).
+
+use serde::{Deserialize, Serialize};
+
+/// One invocation of one function replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// `X-Call-Id` of the request (http) or `Http_X_Call_Id` of the process (fork); `None`
+    /// when the invocation carried none.
+    pub call_id: Option<String>,
+    pub namespace: String,
+    pub function_name: String,
+    pub replica: String,
+    /// When the request's first bytes reached the function (http) or the process exec'd
+    /// (fork): RFC 3339 with nanoseconds.
+    pub started: String,
+    /// Request read → last response byte written (http); exec → exit (fork).
+    pub duration_ns: u64,
+    /// The response status (http; 0 if none was written), or 200/500 from the exit code (fork).
+    pub status_code: u16,
+    /// Peak resident memory (file + anon + shmem) over the invocation.
+    pub memory_peak_bytes: u64,
+    pub memory_limit_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ns: Option<u64>,
+    /// fork mode: the process's exit code (-1: killed by a signal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Always `"kernel"`; the gateway's own events say `"gateway"`.
+    pub source: String,
+}

@@ -1,0 +1,26 @@
+//! Where usage events go: the `EventSink` trait, a channel sink (tests, embedding) and the
+//! HTTP forwarder that batches them to the gateway's ingest API.
+
+mod http;
+mod retry;
+
+pub use http::{ForwarderConfig, HttpForwarder};
+pub use retry::{Retry, decide};
+
+use tokio::sync::mpsc;
+
+use crate::event::UsageEvent;
+
+/// Takes usage events without blocking the agent's read loop.
+pub trait EventSink: Send + Sync + 'static {
+    fn submit(&self, event: UsageEvent);
+}
+
+/// Hands every event to an unbounded channel.
+pub struct ChannelSink(pub mpsc::UnboundedSender<UsageEvent>);
+
+impl EventSink for ChannelSink {
+    fn submit(&self, event: UsageEvent) {
+        let _ = self.0.send(event);
+    }
+}

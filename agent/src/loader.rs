@@ -1,0 +1,149 @@
+//! Loads the embedded eBPF object, checks that every tracepoint it needs exists (mounting
+//! tracefs first if needed), attaches each program, and hands out the maps.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use aya_log::EbpfLogger;
+use tracing::info;
+
+use crate::{ebpf_object, error::Error, sys};
+use agent_common::{CgroupMem, HttpRecord, ProcessRecord};
+
+/// Every program of `agent-ebpf` and the tracepoint it attaches to.
+pub const PROGRAMS: &[(&str, &str, &str)] = &[
+    ("tally_exec", "sched", "sched_process_exec"),
+    ("tally_switch", "sched", "sched_switch"),
+    ("tally_exit", "sched", "sched_process_exit"),
+    ("tally_fork", "sched", "sched_process_fork"),
+    ("tally_execve", "syscalls", "sys_enter_execve"),
+    ("tally_exit_group", "syscalls", "sys_enter_exit_group"),
+    ("tally_rss", "kmem", "rss_stat"),
+    ("tally_enter_read", "syscalls", "sys_enter_read"),
+    ("tally_exit_read", "syscalls", "sys_exit_read"),
+    ("tally_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("tally_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("tally_enter_readv", "syscalls", "sys_enter_readv"),
+    ("tally_exit_readv", "syscalls", "sys_exit_readv"),
+    ("tally_enter_write", "syscalls", "sys_enter_write"),
+    ("tally_exit_write", "syscalls", "sys_exit_write"),
+    ("tally_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("tally_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("tally_enter_writev", "syscalls", "sys_enter_writev"),
+    ("tally_exit_writev", "syscalls", "sys_exit_writev"),
+    ("tally_exit_accept", "syscalls", "sys_exit_accept"),
+    ("tally_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("tally_enter_close", "syscalls", "sys_enter_close"),
+];
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// The loaded, attached programs and the maps user space works with. Dropping it detaches
+/// every program (aya owns the links).
+pub struct Kernel {
+    pub ebpf: Ebpf,
+    pub logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    pub watched: HashMap<MapData, u64, u32>,
+    pub cgroup_mem: HashMap<MapData, u64, CgroupMem>,
+    pub process_events: RingBuf<MapData>,
+    pub http_events: RingBuf<MapData>,
+    pub stats: PerCpuArray<MapData, u64>,
+    /// Open connections of http-mode replicas, swept for dead processes.
+    pub conns: HashMap<MapData, u64, HttpRecord>,
+    /// Metered fork-mode processes, swept for processes that left the cgroup.
+    pub procs: HashMap<MapData, u32, ProcessRecord>,
+    /// Exit times of http-mode processes, by tgid.
+    pub exited: aya::maps::HashMap<MapData, u32, u64>,
+}
+
+/// Mounts tracefs at [`TRACEFS`] unless it is already there.
+pub fn ensure_tracefs() -> Result<(), Error> {
+    let path = Path::new(TRACEFS);
+    if path.join("events").is_dir() {
+        return Ok(());
+    }
+    info!(path = TRACEFS, "mounting tracefs");
+    sys::mount_tracefs(path).map_err(|source| Error::Tracefs {
+        path: path.into(),
+        source,
+    })
+}
+
+/// The first tracepoint the kernel does not offer, as an error naming it.
+pub fn check_tracepoints(tracefs: &Path) -> Result<(), Error> {
+    for &(_, category, name) in PROGRAMS {
+        let path: PathBuf = tracefs.join("events").join(category).join(name);
+        if !path.join("id").is_file() {
+            return Err(Error::MissingTracepoint {
+                category,
+                name,
+                path,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Root check, tracefs, tracepoints, load, attach; the whole start-up of the kernel side.
+pub fn load() -> Result<Kernel, Error> {
+    let uid = sys::euid();
+    if uid != 0 {
+        return Err(Error::NotRoot(uid));
+    }
+    let object = ebpf_object::object()?;
+    ensure_tracefs()?;
+    check_tracepoints(Path::new(TRACEFS))?;
+    let mut ebpf = Ebpf::load(object)?;
+    // The logger must outlive the programs and be polled (see `run`): dropping it closes the
+    // log map the programs refer to.
+    let logger = match EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "aya-log unavailable; kernel diagnostics will not be shown");
+            None
+        }
+    };
+    for &(name, category, tp) in PROGRAMS {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(Error::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        prog.load()
+            .map_err(|source| Error::Program { name, source })?;
+        prog.attach(category, tp)
+            .map_err(|source| Error::Program { name, source })?;
+    }
+    info!(programs = PROGRAMS.len(), "eBPF programs attached");
+    let watched = HashMap::try_from(take(&mut ebpf, "WATCHED")?)?;
+    let cgroup_mem = HashMap::try_from(take(&mut ebpf, "CGROUP_MEM")?)?;
+    let process_events = RingBuf::try_from(take(&mut ebpf, "PROCESS_EVENTS")?)?;
+    let http_events = RingBuf::try_from(take(&mut ebpf, "HTTP_EVENTS")?)?;
+    let stats = PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?;
+    let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
+    let procs = HashMap::try_from(take(&mut ebpf, "PROCS")?)?;
+    let exited = HashMap::try_from(take(&mut ebpf, "EXITED")?)?;
+    Ok(Kernel {
+        ebpf,
+        logger,
+        watched,
+        cgroup_mem,
+        process_events,
+        http_events,
+        stats,
+        conns,
+        procs,
+        exited,
+    })
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or(Error::MissingMap(name))
+}

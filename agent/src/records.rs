@@ -1,0 +1,81 @@
+//! Reading what the kernel sent: the call id in a copied request head, and the choice of
+//! a status code for a fork-mode exit.
+
+/// The value of the first `X-Call-Id` header in a request head (case-insensitive name).
+/// `None` if the header is absent or cut off by the copy's length limit.
+pub fn call_id_from_head(head: &[u8]) -> Option<String> {
+    let end = find(head, b"\r\n\r\n").unwrap_or(head.len());
+    let mut lines = head[..end].split(|&b| b == b'\n');
+    lines.next(); // request line
+    let complete = end < head.len();
+    let mut lines = lines.peekable();
+    while let Some(line) = lines.next() {
+        let last = lines.peek().is_none();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if !line[..colon].eq_ignore_ascii_case(b"x-call-id") {
+            continue;
+        }
+        if last && !complete {
+            return None; // the value may be truncated
+        }
+        let value = String::from_utf8_lossy(&line[colon + 1..])
+            .trim()
+            .to_owned();
+        return (!value.is_empty()).then_some(value);
+    }
+    None
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The call id a fork-mode process carried in its environment.
+pub fn call_id_from_env(bytes: &[u8], len: u32) -> Option<String> {
+    let n = (len as usize).min(bytes.len());
+    let s = String::from_utf8_lossy(&bytes[..n]).trim().to_owned();
+    (!s.is_empty()).then_some(s)
+}
+
+/// Fork mode has no HTTP response of its own: exit 0 is a 200, anything else a 500 (as the
+/// classic watchdog answers).
+pub fn fork_status(exit_code: i32) -> u16 {
+    if exit_code == 0 { 200 } else { 500 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_id_found_case_insensitively() {
+        let head = b"GET /x HTTP/1.1\r\nHost: a\r\nx-CALL-id:  abc-123 \r\n\r\nbody";
+        assert_eq!(call_id_from_head(head).as_deref(), Some("abc-123"));
+    }
+
+    #[test]
+    fn call_id_absent_or_truncated() {
+        assert_eq!(
+            call_id_from_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            None
+        );
+        // Cut inside the header block: the last line may be partial.
+        assert_eq!(call_id_from_head(b"GET / HTTP/1.1\r\nX-Call-Id: ab"), None);
+        // Cut after the line ended: the value is complete.
+        let head = b"GET / HTTP/1.1\r\nX-Call-Id: abc\r\nHost: x";
+        assert_eq!(call_id_from_head(head).as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn env_call_id() {
+        let mut b = [0u8; 64];
+        b[..3].copy_from_slice(b"xyz");
+        assert_eq!(call_id_from_env(&b, 3).as_deref(), Some("xyz"));
+        assert_eq!(call_id_from_env(&b, 0), None);
+        assert_eq!(fork_status(0), 200);
+        assert_eq!(fork_status(-1), 500);
+    }
+}

@@ -1,0 +1,315 @@
+//! The agent's main loop: keeps the kernel's cgroup map in step with the workload source,
+//! drains both ring buffers into the joiner, hands events to the sink, polls aya-log, and
+//! refreshes the kernel-side metrics — until shutdown, after a last drain.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use agent_common::{CgroupMem, HttpRecord, ProcessRecord, mode};
+use aya::maps::{MapData, RingBuf};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    cgroup,
+    error::Error,
+    event::UsageEvent,
+    forward::EventSink,
+    join::{Joiner, ReplicaInfo, Skip},
+    loader::Kernel,
+    metrics::Metrics,
+    sys,
+    workloads::{Mode, WorkloadSource},
+};
+
+/// Tunables of the main loop.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// How often the workload source is asked for replicas.
+    pub poll_interval: Duration,
+    /// Bumped after every successful sync of the cgroup map (tests wait on it).
+    pub synced: Option<watch::Sender<u64>>,
+    /// How often bpf_stats and drop counters are copied into metrics, and dead processes'
+    /// kernel state is swept.
+    pub stats_interval: Duration,
+}
+const STAT_NAMES: [&str; 6] = [
+    "process_ringbuf_full",
+    "http_ringbuf_full",
+    "conn_map_full",
+    "process_map_full",
+    "mm_map_full",
+    "cgroup_mem_map_full",
+];
+
+/// Runs the agent on a loaded [`Kernel`] until `shutdown` turns true.
+pub async fn run<W: WorkloadSource, S: EventSink>(
+    kernel: Kernel,
+    workloads: W,
+    sink: Arc<S>,
+    metrics: Arc<Metrics>,
+    options: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let Kernel {
+        ebpf,
+        logger,
+        mut watched,
+        mut cgroup_mem,
+        process_events,
+        http_events,
+        stats,
+        mut conns,
+        mut procs,
+        exited,
+    } = kernel;
+    // Keep the fd: bpf_stats stay enabled while it is open.
+    let _stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .inspect_err(|e| warn!(error = %e, "could not enable bpf_stats: no eBPF run-time metrics"))
+        .ok();
+    let mut process_events = sys::readable(process_events)?;
+    let mut http_events = sys::readable(http_events)?;
+    let mut logger = match logger {
+        Some(l) => Some(sys::readable(l)?),
+        None => None,
+    };
+    let mut joiner = Joiner::new(sys::realtime_offset_ns());
+    let mut current: HashMap<u64, Mode> = HashMap::new();
+    let mut poll = tokio::time::interval(options.poll_interval);
+    let mut stats_tick = tokio::time::interval(options.stats_interval);
+    let mut syncs = 0u64;
+    let emit = |ev: UsageEvent| {
+        let labels = [ev.namespace.as_str(), ev.function_name.as_str()];
+        metrics
+            .duration
+            .with_label_values(&labels)
+            .observe(ev.duration_ns as f64 / 1e9);
+        metrics
+            .memory_peak
+            .with_label_values(&labels)
+            .set(ev.memory_peak_bytes as f64);
+        sink.submit(ev);
+    };
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                match workloads.replicas().await {
+                    Ok(list) => {
+                        sync(list, &mut current, &mut watched, &mut cgroup_mem, &mut joiner);
+                        syncs += 1;
+                        if let Some(tx) = &options.synced {
+                            let _ = tx.send(syncs);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "workload source failed; keeping the current replicas"),
+                }
+                joiner.expire();
+            }
+            guard = process_events.readable_mut() => {
+                let mut guard = guard?;
+                drain_processes(guard.get_inner_mut(), &mut joiner, &metrics, &emit);
+                guard.clear_ready();
+            }
+            guard = http_events.readable_mut() => {
+                let mut guard = guard?;
+                drain_http(guard.get_inner_mut(), &mut joiner, &metrics, &emit);
+                guard.clear_ready();
+            }
+            guard = async { logger.as_mut().expect("guarded").readable_mut().await }, if logger.is_some() => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = stats_tick.tick() => {
+                kernel_stats(&ebpf, &stats, &metrics);
+                sweep(&mut conns, &mut procs, &exited, &mut cgroup_mem, &mut joiner, &metrics, &emit);
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drain_processes(process_events.get_mut(), &mut joiner, &metrics, &emit);
+    drain_http(http_events.get_mut(), &mut joiner, &metrics, &emit);
+    info!("agent stopped; eBPF programs detach now");
+    Ok(())
+}
+
+/// Makes the kernel's WATCHED/CGROUP_MEM maps and the joiner match `list`.
+fn sync(
+    list: Vec<crate::workloads::Replica>,
+    current: &mut HashMap<u64, Mode>,
+    watched: &mut aya::maps::HashMap<MapData, u64, u32>,
+    cgroup_mem: &mut aya::maps::HashMap<MapData, u64, CgroupMem>,
+    joiner: &mut Joiner,
+) {
+    let mut want: HashMap<u64, Mode> = HashMap::new();
+    for r in list {
+        let id = match r.cgroup_id {
+            Some(id) => id,
+            None => match cgroup::cgroup_id(&r.cgroup_path) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(replica = %r.replica, error = %e, "replica cgroup unreadable; not metered");
+                    continue;
+                }
+            },
+        };
+        let limit = r
+            .memory_limit_bytes
+            .or_else(|| cgroup::memory_limit(&r.cgroup_path, r.memory_cgroup_path.as_deref()));
+        joiner.watch(
+            id,
+            ReplicaInfo {
+                namespace: r.namespace.clone(),
+                function: r.function.clone(),
+                replica: r.replica.clone(),
+                memory_limit_bytes: limit,
+            },
+        );
+        want.insert(id, r.mode);
+    }
+    for (&id, &m) in &want {
+        if current.get(&id) == Some(&m) {
+            continue;
+        }
+        let value = match m {
+            Mode::Fork => mode::FORK,
+            Mode::Http => mode::HTTP,
+        };
+        // BPF_NOEXIST (1): a replica that changed mode keeps its memory counters.
+        let _ = cgroup_mem.insert(id, CgroupMem::default(), 1);
+        match watched.insert(id, value, 0) {
+            Ok(()) => {
+                info!(cgroup_id = id, mode = ?m, "watching replica cgroup");
+                current.insert(id, m);
+            }
+            Err(e) => warn!(cgroup_id = id, error = %e, "cgroup map full? replica not metered"),
+        }
+    }
+    current.retain(|id, _| {
+        if want.contains_key(id) {
+            return true;
+        }
+        let _ = watched.remove(id);
+        let _ = cgroup_mem.remove(id);
+        joiner.unwatch(*id);
+        info!(cgroup_id = id, "replica gone; cgroup unwatched");
+        false
+    });
+}
+
+fn drain_processes(
+    ring: &mut RingBuf<MapData>,
+    joiner: &mut Joiner,
+    metrics: &Metrics,
+    emit: &impl Fn(UsageEvent),
+) {
+    while let Some(item) = ring.next() {
+        let Some(r) = sys::decode::<ProcessRecord>(&item) else {
+            continue;
+        };
+        match joiner.process(&r) {
+            Ok(ev) => emit(ev),
+            Err(Skip::UnknownCgroup(_)) => metrics.unmatched_records.inc(),
+            Err(Skip::Child) => {}
+        }
+    }
+}
+
+fn drain_http(
+    ring: &mut RingBuf<MapData>,
+    joiner: &mut Joiner,
+    metrics: &Metrics,
+    emit: &impl Fn(UsageEvent),
+) {
+    while let Some(item) = ring.next() {
+        let Some(r) = sys::decode::<HttpRecord>(&item) else {
+            continue;
+        };
+        match joiner.http(&r) {
+            Ok(ev) => emit(ev),
+            Err(_) => metrics.unmatched_records.inc(),
+        }
+    }
+}
+
+/// Removes kernel state of processes that are gone. A process that exits closes its sockets
+/// without `close(2)`, so its connections stay in CONNS: an exchange still open there (the
+/// replica died mid-request) is reported with what was seen (status 0 if no response).
+fn sweep(
+    conns: &mut aya::maps::HashMap<MapData, u64, HttpRecord>,
+    procs: &mut aya::maps::HashMap<MapData, u32, ProcessRecord>,
+    exited: &aya::maps::HashMap<MapData, u32, u64>,
+    cgroup_mem: &mut aya::maps::HashMap<MapData, u64, CgroupMem>,
+    joiner: &mut Joiner,
+    metrics: &Metrics,
+    emit: &impl Fn(UsageEvent),
+) {
+    let alive = |tgid: u32| std::path::Path::new(&format!("/proc/{tgid}")).exists();
+    let dead: Vec<u64> = conns
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !alive((k >> 32) as u32))
+        .collect();
+    for key in dead {
+        if let Ok(mut r) = conns.get(&key, 0)
+            && r.state != agent_common::conn::IDLE
+        {
+            if r.state == agent_common::conn::REQUEST || r.end_ns == 0 {
+                // No response (or none finished): it ended when the process died.
+                r.end_ns = exited
+                    .get(&r.tgid, 0)
+                    .unwrap_or_else(|_| sys::monotonic_ns());
+            }
+            r.end_reason = agent_common::end::CLOSE;
+            // Close the exchange's memory window as the kernel would have (racy but rare).
+            if let Ok(mut m) = cgroup_mem.get(&r.cgroup_id, 0) {
+                r.peak_rss_bytes = m.peak;
+                m.active = m.active.saturating_sub(1);
+                let _ = cgroup_mem.insert(r.cgroup_id, m, 2); // BPF_EXIST
+            }
+            match joiner.http(&r) {
+                Ok(ev) => emit(ev),
+                Err(_) => metrics.unmatched_records.inc(),
+            }
+        }
+        let _ = conns.remove(&key);
+    }
+    let dead: Vec<u32> = procs
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|&t| !alive(t))
+        .collect();
+    for tgid in dead {
+        // Exited outside a watched cgroup (moved away): no exit time was taken.
+        let _ = procs.remove(&tgid);
+        metrics
+            .kernel_drops
+            .with_label_values(&["process_left_cgroup"])
+            .inc();
+    }
+}
+
+/// Copies bpf_stats run time/count per program and the kernel's drop counters into metrics.
+fn kernel_stats(ebpf: &aya::Ebpf, stats: &aya::maps::PerCpuArray<MapData, u64>, metrics: &Metrics) {
+    for (name, prog) in ebpf.programs() {
+        if let Ok(info) = prog.info() {
+            metrics
+                .bpf_run_time
+                .with_label_values(&[name])
+                .set(info.run_time().as_secs_f64());
+            metrics
+                .bpf_run_count
+                .with_label_values(&[name])
+                .set(info.run_count() as f64);
+        }
+    }
+    for (slot, name) in STAT_NAMES.iter().enumerate() {
+        if let Ok(values) = stats.get(&(slot as u32), 0) {
+            let total: u64 = values.iter().sum();
+            let c = metrics.kernel_drops.with_label_values(&[name]);
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The forwarder against a tiny receiver standing in for the gateway's `/system/usage`:
+//! basic auth, JSON-array batches, an outage (refused, then 503s) that loses nothing, and a
+//! full buffer that drops and counts. Needs no root.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use agent::{
+    auth::Credentials,
+    event::UsageEvent,
+    forward::{EventSink as _, ForwarderConfig, HttpForwarder},
+    metrics::Metrics,
+};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, sync::watch};
+
+#[derive(Default)]
+struct Received {
+    events: Mutex<Vec<UsageEvent>>,
+    unauthorized: AtomicUsize,
+    /// Answer 503 to this many requests before accepting.
+    fail_first: AtomicUsize,
+}
+
+async fn receiver(listener: TcpListener, got: Arc<Received>, auth: String) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let got = got.clone();
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let got = got.clone();
+                let auth = auth.clone();
+                async move {
+                    let ok_auth = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        == Some(&auth);
+                    let path_ok =
+                        req.uri().path() == "/system/usage" && req.method() == hyper::Method::POST;
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let status = if !ok_auth {
+                        got.unauthorized.fetch_add(1, Ordering::SeqCst);
+                        401
+                    } else if !path_ok {
+                        404
+                    } else if got.fail_first.load(Ordering::SeqCst) > 0 {
+                        got.fail_first.fetch_sub(1, Ordering::SeqCst);
+                        503
+                    } else {
+                        let batch: Vec<UsageEvent> =
+                            serde_json::from_slice(&body).expect("JSON array of events");
+                        got.events.lock().expect("lock").extend(batch);
+                        204
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::new()))
+                            .expect("response"),
+                    )
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn event(i: usize) -> UsageEvent {
+    UsageEvent {
+        call_id: Some(format!("call-{i}")),
+        namespace: "openfaas-fn".into(),
+        function_name: "env".into(),
+        replica: "env-0".into(),
+        started: "2026-01-01T00:00:00.000000001Z".into(),
+        duration_ns: 1_000 + i as u64,
+        status_code: 200,
+        memory_peak_bytes: 1 << 20,
+        memory_limit_bytes: Some(128 << 20),
+        cpu_ns: None,
+        exit_code: None,
+        source: "kernel".into(),
+    }
+}
+
+fn creds() -> Credentials {
+    Credentials {
+        user: "admin".into(),
+        password: "s3cret".into(),
+    }
+}
+
+/// A free loopback port, not yet listened on (the outage).
+async fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr")
+}
+
+fn start(
+    addr: SocketAddr,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+) -> (
+    HttpForwarder,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stop_rx) = watch::channel(false);
+    let config = ForwarderConfig {
+        gateway_url: format!("http://{addr}"),
+        credentials: Some(creds()),
+        capacity,
+        batch_size: 50,
+        linger: Duration::from_millis(20),
+    };
+    let (sink, task) = HttpForwarder::spawn(config, metrics, stop_rx);
+    (sink, stop, task)
+}
+
+#[tokio::test]
+async fn outage_loses_nothing() {
+    let addr = free_port().await;
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let (sink, stop, task) = start(addr, 1000, metrics.clone());
+    for i in 0..120 {
+        sink.submit(event(i));
+    }
+    // The gateway is down (connection refused) for a while, then answers 503 twice.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(metrics.events_buffered.get(), 120);
+    let got = Arc::new(Received::default());
+    got.fail_first.store(2, Ordering::SeqCst);
+    let listener = TcpListener::bind(addr).await.expect("rebind the port");
+    tokio::spawn(receiver(listener, got.clone(), creds().header_value()));
+    for _ in 0..200 {
+        if got.events.lock().expect("lock").len() >= 120 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: std::collections::BTreeSet<_> = got
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| e.call_id.clone())
+        .collect();
+    assert_eq!(
+        got.events.lock().expect("lock").len(),
+        120,
+        "each event exactly once"
+    );
+    assert_eq!(ids.len(), 120);
+    assert_eq!(got.unauthorized.load(Ordering::SeqCst), 0);
+    assert_eq!(metrics.events_sent.get(), 120);
+    assert_eq!(
+        metrics
+            .events_dropped
+            .with_label_values(&["buffer_full"])
+            .get(),
+        0
+    );
+    assert_eq!(metrics.events_buffered.get(), 0);
+    let _ = stop.send(true);
+    task.await.expect("forwarder task");
+}
+
+#[tokio::test]
+async fn full_buffer_drops_and_counts() {
+    let addr = free_port().await;
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let (sink, stop, task) = start(addr, 10, metrics.clone());
+    for i in 0..15 {
+        sink.submit(event(i));
+    }
+    assert_eq!(
+        metrics
+            .events_dropped
+            .with_label_values(&["buffer_full"])
+            .get(),
+        5
+    );
+    let got = Arc::new(Received::default());
+    tokio::spawn(receiver(
+        TcpListener::bind(addr).await.expect("bind"),
+        got.clone(),
+        creds().header_value(),
+    ));
+    for _ in 0..200 {
+        if got.events.lock().expect("lock").len() >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: Vec<_> = got
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter_map(|e| e.call_id.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        (5..15).map(|i| format!("call-{i}")).collect::<Vec<_>>(),
+        "the newest 10 survive"
+    );
+    let _ = stop.send(true);
+    task.await.expect("forwarder task");
+}
+
+#[tokio::test]
+async fn refused_credentials_drop_the_batch() {
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let got = Arc::new(Received::default());
+    tokio::spawn(receiver(listener, got.clone(), "Basic bm90OnRoaXM=".into()));
+    let (sink, stop, task) = start(addr, 100, metrics.clone());
+    sink.submit(event(1));
+    for _ in 0..100 {
+        if metrics
+            .events_dropped
+            .with_label_values(&["rejected"])
+            .get()
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got.unauthorized.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        metrics
+            .events_dropped
+            .with_label_values(&["rejected"])
+            .get(),
+        1
+    );
+    let _ = stop.send(true);
+    task.await.expect("forwarder task");
+}
