@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod logs;
+pub mod metering;
 pub mod metrics;
 pub mod names;
 pub mod provider;
@@ -40,6 +41,8 @@ pub struct Gateway {
     /// JetStream, once connected.
     pub queue: OnceLock<Arc<queue::Queue>>,
     pub queue_worker: OnceLock<Arc<queue::worker::QueueWorker>>,
+    /// Usage events the node agent sent (bounded).
+    pub usage: metering::Recent,
     /// Why async invocations are unavailable, while they are.
     queue_problem: Mutex<String>,
 }
@@ -170,6 +173,7 @@ pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSou
         finished: tokio::sync::watch::channel(false).0,
         queue: OnceLock::new(),
         queue_worker: OnceLock::new(),
+        usage: metering::Recent::default(),
         queue_problem: Mutex::new("connecting to NATS".into()),
     });
     gw.start_queue();

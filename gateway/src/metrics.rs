@@ -22,6 +22,8 @@ pub struct Metrics {
     pub queue_retries: IntCounterVec,
     pub queue_dead_lettered: IntCounterVec,
     pub queue_callbacks: IntCounterVec,
+    pub usage_events: IntCounterVec,
+    pub usage_rejected: IntCounter,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -120,6 +122,15 @@ impl Metrics {
             "Callbacks by result (delivered, failed)",
             &["result"],
         );
+        let usage_events = counter_vec(
+            "gateway_usage_events_total",
+            "Usage events ingested, by source",
+            &["source"],
+        );
+        let usage_rejected = counter(
+            "gateway_usage_events_rejected_total",
+            "Usage events refused (invalid or absurd values)",
+        );
         for c in [
             Box::new(started.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(completed.clone()),
@@ -134,6 +145,8 @@ impl Metrics {
             Box::new(queue_retries.clone()),
             Box::new(queue_dead_lettered.clone()),
             Box::new(queue_callbacks.clone()),
+            Box::new(usage_events.clone()),
+            Box::new(usage_rejected.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -152,6 +165,8 @@ impl Metrics {
             queue_retries,
             queue_dead_lettered,
             queue_callbacks,
+            usage_events,
+            usage_rejected,
         }
     }
 

@@ -460,3 +460,75 @@ async fn a_command_that_exits_at_once_shows_why() {
         .unwrap();
     assert!(logs.contains("boom"), "{logs}");
 }
+
+#[tokio::test]
+async fn usage_ingest_keeps_valid_events_and_counts_the_rest() {
+    let gw = TestGateway::start(&[]);
+    let event = |call: &str, duration: u64| {
+        json!({
+            "call_id": call, "namespace": "openfaas-fn", "function_name": "env", "replica": "env-abcde",
+            "started": "2026-11-22T10:00:00.123456789Z", "duration_ns": duration, "status_code": 200,
+            "memory_peak_bytes": 1048576, "memory_limit_bytes": null, "source": "kernel"
+        })
+    };
+    let batch = json!([
+        event("a", 1_500_000),
+        event("b", u64::MAX),
+        event("c", 2_000_000)
+    ]);
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/usage")))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["accepted"], 2);
+    assert_eq!(body["rejected"][0]["index"], 1);
+    assert!(
+        body["rejected"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("7 days")
+    );
+    let kept: Vec<Value> = gw
+        .get_sys("/system/usage?function=env")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 2);
+    let one: Vec<Value> = gw
+        .get_sys("/system/usage?call_id=c")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one[0]["duration_ns"], 2_000_000);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "gateway_usage_events_total{source=\"kernel\"}"),
+        Some(2.0)
+    );
+    assert_eq!(metric(&m, "gateway_usage_events_rejected_total"), Some(1.0));
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/usage")))
+        .body("{\"not\":\"a list\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = gw
+        .http
+        .post(gw.url("/system/usage"))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the ingest API is authenticated");
+}

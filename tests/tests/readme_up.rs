@@ -70,6 +70,58 @@ fn xtask_up_starts_the_stack_and_its_curl_lines_work() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&rust.stdout), "Hello from Rust\n");
 
+    if nix::unistd::geteuid().is_root() {
+        assert!(text.contains("agent: eBPF programs attached"), "{text}");
+        // Invocations of both kinds are metered in the kernel and reach the gateway.
+        let password =
+            std::fs::read_to_string(data.path().join("secrets/basic-auth-password")).unwrap();
+        for (function, call_id) in [
+            ("hello-shell", "e2e-fork-1"),
+            ("hello-python", "e2e-http-1"),
+        ] {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "-H",
+                    &format!("X-Call-Id: {call_id}"),
+                    "-d",
+                    "metered",
+                    &format!("http://{listen}/function/{function}"),
+                ])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let usage = Command::new("curl")
+                    .args([
+                        "-s",
+                        "-u",
+                        &format!("admin:{}", password.trim()),
+                        &format!("http://{listen}/system/usage?call_id={call_id}"),
+                    ])
+                    .output()
+                    .unwrap();
+                let body = String::from_utf8_lossy(&usage.stdout).to_string();
+                if body.contains("\"source\":\"kernel\"") {
+                    assert!(
+                        body.contains(&format!("\"function_name\":\"{function}\"")),
+                        "{body}"
+                    );
+                    assert!(body.contains("\"duration_ns\":"), "{body}");
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no kernel event for {call_id}: {body}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    } else {
+        eprintln!("SKIPPED the agent part of xtask_up_starts_the_stack: needs root for eBPF");
+    }
+
     let status = up.terminate();
     assert!(status.success(), "xtask up exited with {status}");
     assert!(

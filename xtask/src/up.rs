@@ -71,6 +71,13 @@ pub fn run(args: Args) -> Result<()> {
         let _ = gateway.kill();
         return Err(e);
     }
+    let mut agent = match start_agent(&args, &url, password_file.parent().unwrap_or(&data_dir)) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = gateway.kill();
+            return Err(e);
+        }
+    };
     let user_file = password_file.with_file_name("basic-auth-user");
     println!();
     println!("Tally is up: {url}");
@@ -94,18 +101,79 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     loop {
         if let Some(status) = gateway.try_wait()? {
+            if let Some(a) = agent.as_mut() {
+                terminate(a);
+            }
             if !status.success() {
                 bail!("the gateway exited with {status}");
             }
             return Ok(());
         }
         if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
-            let pid = nix::unistd::Pid::from_raw(gateway.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            gateway.wait()?;
+            // The agent first: it flushes its last usage events to the gateway.
+            if let Some(a) = agent.as_mut() {
+                terminate(a);
+            }
+            terminate(&mut gateway);
             return Ok(());
         }
     }
+}
+
+fn terminate(child: &mut std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}
+
+/// As root, builds and starts the node agent beside the gateway and waits until its
+/// eBPF programs are attached (its /metrics answers) and it has seen the replicas.
+fn start_agent(args: &Args, url: &str, secrets: &Path) -> Result<Option<std::process::Child>> {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "agent: not started (the eBPF programs need root); usage is metered by the gateway only"
+        );
+        return Ok(None);
+    }
+    let mut build = Command::new("cargo");
+    build.args(["build", "--quiet", "-p", "agent"]);
+    if !args.dev {
+        build.arg("--release");
+    }
+    run_cmd(&mut build)?;
+    let profile = if args.dev { "debug" } else { "release" };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(root().join("target").join(profile).join("agent"))
+        .args([
+            "--gateway-url",
+            url,
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+            "--secret-mount-path",
+        ])
+        .arg(secrets)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()
+        .context("starting the agent")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the agent did not attach its programs within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One replica poll (1 s) so the example functions are metered from the first call.
+    std::thread::sleep(Duration::from_millis(1500));
+    println!("agent: eBPF programs attached; metrics on http://127.0.0.1:{port}/metrics");
+    Ok(Some(child))
 }
 
 /// Copies the examples where function processes can read them, then deploys the stack.

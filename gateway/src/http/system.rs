@@ -64,6 +64,27 @@ pub async fn route(
         ("info", &Method::GET) => Ok(json(StatusCode::OK, &info(gw))),
         ("logs", &Method::GET) => logs(gw, &query),
         ("replicas", &Method::GET) => Ok(json(StatusCode::OK, &gw.provider.replicas())),
+        ("usage", &Method::POST) => ingest_usage(gw, req).await,
+        ("usage", &Method::GET) => {
+            let limit = query
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(1000);
+            let (function, namespace, call_id) = (
+                query.get("function"),
+                query.get("namespace"),
+                query.get("call_id"),
+            );
+            let events = gw.usage.query(
+                |e| {
+                    function.is_none_or(|f| f == e.function_name)
+                        && namespace.is_none_or(|n| n == e.namespace)
+                        && call_id.is_none_or(|c| e.call_id.as_deref() == Some(c))
+                },
+                limit,
+            );
+            Ok(json(StatusCode::OK, &events))
+        }
         ("async-dead-letters", &Method::GET) => {
             let queue = gw.queue()?;
             let letters = queue
@@ -80,7 +101,7 @@ pub async fn route(
         ("secrets", _) => Err(GatewayError::NotImplemented(
             "secrets are not supported by the local provider yet".into(),
         )),
-        ("functions" | "namespaces" | "info" | "logs" | "replicas" | "alert", m) => {
+        ("functions" | "namespaces" | "info" | "logs" | "replicas" | "alert" | "usage", m) => {
             Err(GatewayError::MethodNotAllowed(m.clone()))
         }
         _ => {
@@ -274,6 +295,38 @@ fn logs(gw: &Gateway, query: &Query) -> Result<Response<Body>, GatewayError> {
         HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(r)
+}
+
+/// `POST /system/usage`: a JSON array of events from the node agent. Valid events are
+/// kept, invalid ones counted and reported by index; the batch as a whole is accepted.
+async fn ingest_usage(
+    gw: &Gateway,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    let bytes = read_limited(req.into_body(), 16 << 20, gw.config.read_timeout).await?;
+    let events: Vec<crate::metering::UsageEvent> = parse_json(&bytes)?;
+    let mut rejected = Vec::new();
+    let mut accepted = Vec::with_capacity(events.len());
+    for (i, e) in events.into_iter().enumerate() {
+        match e.problem() {
+            None => accepted.push(e),
+            Some(why) => {
+                tracing::warn!(index = i, "usage event refused: {why}");
+                rejected.push(serde_json::json!({"index": i, "error": why}));
+            }
+        }
+    }
+    gw.metrics.usage_rejected.inc_by(rejected.len() as u64);
+    gw.metrics
+        .usage_events
+        .with_label_values(&["kernel"])
+        .inc_by(accepted.len() as u64);
+    let n = accepted.len();
+    gw.usage.push(accepted);
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"accepted": n, "rejected": rejected}),
+    ))
 }
 
 /// Puts a dead-lettered call back on its queue (a fresh set of attempts).
