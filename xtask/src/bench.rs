@@ -44,6 +44,56 @@ struct Wrk {
     p99_ms: f64,
 }
 
+/// A release gateway (embedded NATS) with its own data directory, plus a standalone
+/// hello-rust on `function_port`; everything stops and is removed on drop.
+struct Bench {
+    data: PathBuf,
+    function_port: u16,
+    url: String,
+    auth: String,
+    _processes: Vec<Guard>,
+}
+
+impl Bench {
+    fn start(name: &str) -> Result<Self> {
+        run_cmd(Command::new("cargo").args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "gateway",
+            "-p",
+            "hello-rust",
+        ]))?;
+        let bin = root().join("target/release");
+        let data = std::env::temp_dir().join(format!("tally-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(data.join("functions"))?;
+        std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+        let function_port = free_port()?;
+        let function = Guard(
+            Command::new(bin.join("hello-rust"))
+                .env("PORT", function_port.to_string())
+                .spawn()?,
+        );
+        let (gateway, url, auth) = start_gateway(&bin, &data)?;
+        Ok(Self {
+            data,
+            function_port,
+            url,
+            auth,
+            _processes: vec![function, Guard(gateway)],
+        })
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self._processes.clear();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
 /// Kills the child on drop, so a failed benchmark leaves nothing running.
 struct Guard(Child);
 
@@ -62,30 +112,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Which::Async = args.which {
         return run_async(&args);
     }
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "gateway",
-        "-p",
-        "hello-rust",
-    ]))?;
-    let bin = root().join("target/release");
-    let data = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(data.join("functions"))?;
-    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
-
     // The function on its own, started as the gateway would start it.
-    let port = free_port()?;
-    let _direct = Guard(
-        Command::new(bin.join("hello-rust"))
-            .env("PORT", port.to_string())
-            .spawn()?,
-    );
-    let (gateway, url, auth) = start_gateway(&bin, &data)?;
-    let _gateway = Guard(gateway);
+    let bench = Bench::start("sync")?;
+    let (port, url, auth) = (bench.function_port, bench.url.clone(), bench.auth.clone());
     let agent = agent();
     deploy(
         &agent,
@@ -111,7 +140,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let fork_cold = cold_starts(&agent, &url, &auth, "fork", args.cold_starts)?;
     let http_cold = cold_starts(&agent, &url, &auth, "tiny", args.cold_starts)?;
-    let _ = std::fs::remove_dir_all(&data);
+    drop(bench);
 
     let d = median_wrk(&direct);
     let g = median_wrk(&through);
@@ -313,29 +342,14 @@ fn free_port() -> Result<u16> {
 /// Async: wrk POSTs to /async-function for `seconds` (accepted/s, enqueue latency), then
 /// the run waits until the queue-worker has completed every call, callbacks included.
 fn run_async(args: &Args) -> Result<()> {
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "gateway",
-        "-p",
-        "hello-rust",
-    ]))?;
-    let bin = root().join("target/release");
-    let data = std::env::temp_dir().join(format!("tally-bench-async-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(data.join("functions"))?;
-    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
-    // The callback receiver: another hello-rust, which answers 200 to anything.
-    let cb_port = free_port()?;
-    let _receiver = Guard(
-        Command::new(bin.join("hello-rust"))
-            .env("PORT", cb_port.to_string())
-            .spawn()?,
+    // The callback receiver: a standalone hello-rust, which answers 200 to anything.
+    let bench = Bench::start("async")?;
+    let (cb_port, url, auth, data) = (
+        bench.function_port,
+        bench.url.clone(),
+        bench.auth.clone(),
+        bench.data.clone(),
     );
-    let (gateway, url, auth) = start_gateway(&bin, &data)?;
-    let _gateway = Guard(gateway);
     let agent = agent();
     deploy(
         &agent,
@@ -413,7 +427,7 @@ fn run_async(args: &Args) -> Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let delivered = metric("queue_worker_callbacks_total{result=\"delivered\"}")?;
-    let _ = std::fs::remove_dir_all(&data);
+    drop(bench);
     println!("| async (no-op http function, callbacks on) | value |");
     println!("|---|---|");
     println!(

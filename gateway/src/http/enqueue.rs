@@ -77,26 +77,37 @@ pub async fn enqueue(
     // Both writes at once. "queued" is only created, never overwritten, so a worker that
     // already wrote "running" (or the result) wins whichever write lands first.
     let timeout = std::time::Duration::from_secs(10);
-    let stored = tokio::time::timeout(timeout, async {
-        let (status, published) = tokio::join!(queue.store.create(&queued), queue.publish(&call));
-        published.map_err(|e| e.to_string())?;
-        status.map_err(|e| e.to_string())
-    })
-    .await;
-    let failure = match stored {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("could not queue the call: {e}")),
-        Err(_) => Some("NATS did not confirm the call within 10 s".to_string()),
+    // Run to the end even if the client goes away meanwhile: a call that reached JetStream
+    // is counted and gets its consumer, whether or not the 202 was read.
+    let task = {
+        let (gw, queue, call_id) = (gw.clone(), queue.clone(), call_id.clone());
+        tokio::spawn(async move {
+            let stored = tokio::time::timeout(timeout, async {
+                let (status, published) =
+                    tokio::join!(queue.store.create(&queued), queue.publish(&call));
+                published.map_err(|e| e.to_string())?;
+                status.map_err(|e| e.to_string())
+            })
+            .await;
+            let failure = match stored {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("could not queue the call: {e}")),
+                Err(_) => Some("NATS did not confirm the call within 10 s".to_string()),
+            };
+            if let Some(why) = failure {
+                // Nothing half-written: no status for a call that was not queued.
+                let _ = queue.store.forget(&call_id).await;
+                return Err(GatewayError::Unavailable(why));
+            }
+            gw.metrics.queue_submitted.inc();
+            if let Some(worker) = gw.queue_worker.get() {
+                worker.ensure_consumer(&call.queue, &call.namespace, &call.function);
+            }
+            Ok(())
+        })
     };
-    if let Some(why) = failure {
-        // Nothing half-written: no status for a call that was not queued.
-        let _ = queue.store.forget(&call_id).await;
-        return Err(GatewayError::Unavailable(why));
-    }
-    gw.metrics.queue_submitted.inc();
-    if let Some(worker) = gw.queue_worker.get() {
-        worker.ensure_consumer(&call.queue, &call.namespace, &call.function);
-    }
+    task.await
+        .map_err(|e| GatewayError::Internal(format!("queueing task: {e}")))??;
     let mut response = Response::new(empty());
     *response.status_mut() = StatusCode::ACCEPTED;
     if let Ok(v) = HeaderValue::from_str(&call_id) {
