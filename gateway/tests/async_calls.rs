@@ -668,3 +668,121 @@ async fn a_nats_restart_with_1000_calls_queued_loses_none() {
     let seen: std::collections::HashSet<&str> = got.iter().map(|r| r.call_id.as_str()).collect();
     assert!(ids.iter().all(|id| seen.contains(id.as_str())));
 }
+
+#[tokio::test]
+async fn status_shows_queued_then_running() {
+    let nats = TestNats::start();
+    let url = nats.url.clone();
+    let mut gw = TestGateway::start(&["--nats-url", &url, "--queue-worker", "false"]);
+    gw.deploy_ok(http_fn("slow")).await;
+    gw.wait_available("slow", 1).await;
+    gw.wait_async_ready().await;
+    let r = gw.enqueue("slow/sleep?ms=1500", None, "").await;
+    let id = r.headers()["x-call-id"].to_str().unwrap().to_string();
+    let s = gw.call_status(&id).await;
+    assert_eq!(s["state"], "queued");
+    assert_eq!(s["attempt"], 0);
+    assert!(s["started_at"].is_null());
+    gw.stop();
+    gw.args = vec!["--nats-url".into(), url];
+    gw.spawn();
+    gw.wait_async_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = gw.call_status(&id).await;
+        if s["state"] == "running" {
+            assert_eq!(s["attempt"], 1);
+            assert!(s["started_at"].is_string());
+            break;
+        }
+        assert_eq!(s["state"], "queued", "{s}");
+        assert!(Instant::now() < deadline, "never running: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.call_status(&id).await["state"] != "succeeded" {
+        assert!(Instant::now() < deadline, "never succeeded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_function_consumers_are_removed() {
+    let nats = TestNats::start();
+    let gw = TestGateway::start(&[
+        "--nats-url",
+        &nats.url.clone(),
+        "--inactive-threshold",
+        "1s",
+    ]);
+    let sink = CallbackSink::start().await;
+    gw.deploy_ok(fork_fn("brief", "echo hi")).await;
+    gw.wait_async_ready().await;
+    gw.enqueue("brief", Some(&sink.url), "").await;
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let consumers = async || {
+        use futures_util::StreamExt;
+        let stream = js.get_stream("OF_faas-request").await.unwrap();
+        stream
+            .consumer_names()
+            .filter_map(|n| async { n.ok() })
+            .collect::<Vec<String>>()
+            .await
+    };
+    assert_eq!(
+        consumers().await,
+        ["fn_openfaas-fn_brief"],
+        "created on demand"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !consumers().await.is_empty() {
+        assert!(Instant::now() < deadline, "idle consumer not removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And created again for the next call.
+    gw.enqueue("brief", Some(&sink.url), "").await;
+    sink.wait_for(2, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn the_embedded_nats_server_is_restarted_when_it_dies() {
+    let gw = TestGateway::start(&[]);
+    let sink = CallbackSink::start().await;
+    gw.deploy_ok(fork_fn("e", "echo e")).await;
+    gw.wait_async_ready().await;
+    gw.enqueue("e", Some(&sink.url), "").await;
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    let pid_file = gw.data.path().join("nats/nats-server.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = gw.enqueue("e", Some(&sink.url), "").await;
+        if r.status() == 202 {
+            break;
+        }
+        assert_eq!(r.status(), 503, "while it restarts: a clear 503");
+        assert!(
+            Instant::now() < deadline,
+            "the embedded server never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.wait_for(2, Duration::from_secs(15)).await;
+    let new_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, pid);
+}
