@@ -786,3 +786,43 @@ async fn the_embedded_nats_server_is_restarted_when_it_dies() {
         .unwrap();
     assert_ne!(new_pid, pid);
 }
+
+#[tokio::test]
+async fn a_function_can_use_its_own_queue_and_results_are_capped() {
+    let nats = TestNats::start();
+    let gw = TestGateway::start(&[
+        "--nats-url",
+        &nats.url.clone(),
+        "--async-result-max-bytes",
+        "1000",
+    ]);
+    let sink = CallbackSink::start().await;
+    let mut f = http_fn("vip");
+    f["annotations"] = json!({"com.openfaas.queue": "priority"});
+    gw.deploy_ok(f).await;
+    gw.wait_available("vip", 1).await;
+    gw.wait_async_ready().await;
+    let r = gw.enqueue("vip/big?bytes=5000", Some(&sink.url), "").await;
+    let id = r.headers()["x-call-id"].to_str().unwrap().to_string();
+    let cb = sink.wait_call(&id, Duration::from_secs(10)).await;
+    assert_eq!(
+        cb.body.len(),
+        5000,
+        "the callback carries the whole response"
+    );
+    let s = gw.call_status(&id).await;
+    assert_eq!(s["result"].as_str().unwrap().len(), 1000);
+    assert_eq!(s["result_truncated"], true);
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream("OF_priority")
+        .await
+        .expect("the function's own stream");
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.subjects, ["priority.>"]);
+    assert!(
+        js.get_stream("OF_faas-request").await.is_err(),
+        "nothing went to the default queue"
+    );
+}
