@@ -17,6 +17,8 @@ use crate::{basic_auth, root, run_cmd};
 pub enum Which {
     Sync,
     Async,
+    /// Gateway throughput with the node agent attached vs detached.
+    Agent,
 }
 
 #[derive(clap::Args)]
@@ -109,8 +111,10 @@ impl Drop for Guard {
 
 pub fn run(args: Args) -> Result<()> {
     crate::setup::ensure_all()?;
-    if let Which::Async = args.which {
-        return run_async(&args);
+    match args.which {
+        Which::Async => return run_async(&args),
+        Which::Agent => return crate::bench_agent::run(args.seconds, args.rounds, args.connections),
+        Which::Sync => {}
     }
     // The function on its own, started as the gateway would start it.
     let bench = Bench::start("sync")?;

