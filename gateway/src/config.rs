@@ -91,6 +91,83 @@ pub struct Config {
 
     #[command(flatten)]
     pub queue: QueueConfig,
+
+    #[command(flatten)]
+    pub metering: MeteringConfig,
+}
+
+/// Metering: usage events to JetStream, and the event-worker's signed webhook batches.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MeteringConfig {
+    /// Where usage events are POSTed in batches; metering is on whenever this is set.
+    #[arg(long, env = "webhook_endpoint")]
+    pub webhook_endpoint: Option<String>,
+
+    /// The HMAC-SHA256 key for `X-Openfaas-Signature-256` (a file; trailing newline trimmed).
+    #[arg(long, env = "webhook_secret_file")]
+    pub webhook_secret_file: Option<std::path::PathBuf>,
+
+    /// Namespaces whose invocations are not metered (comma-separated).
+    #[arg(long, env = "metering_excluded_namespaces", value_delimiter = ',')]
+    pub metering_excluded_namespaces: Vec<String>,
+
+    /// OpenFaaS's spelling of --metering-excluded-namespaces.
+    #[arg(long, env = "excludeNamespaces", value_delimiter = ',', hide = true)]
+    pub exclude_namespaces: Vec<String>,
+
+    /// `memory_bytes` of functions without a memory limit (OpenFaaS's default_memory).
+    #[arg(long, env = "default_memory", default_value = "128Mi")]
+    pub default_memory: String,
+
+    /// Events the gateway buffers before flushing to JetStream; a full buffer drops (counted).
+    #[arg(long, env = "TALLY_METERING_BUFFER", default_value_t = 100_000)]
+    pub metering_buffer: usize,
+
+    /// Flush when this many events are buffered...
+    #[arg(long, env = "TALLY_METERING_FLUSH_EVENTS", default_value_t = 500)]
+    pub metering_flush_events: usize,
+
+    /// ...or when this long passed since the first buffered event.
+    #[arg(long, env = "TALLY_METERING_FLUSH_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub metering_flush_interval: Duration,
+
+    /// How long the gateway's own event waits for the node agent's kernel event of the
+    /// same call (used only while an agent is active).
+    #[arg(long, env = "TALLY_METERING_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub metering_grace: Duration,
+
+    /// Run the event-worker (JetStream → webhook) in this process.
+    #[arg(long, env = "TALLY_EVENT_WORKER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub event_worker: bool,
+
+    /// Most events in one webhook POST.
+    #[arg(long, env = "TALLY_WEBHOOK_BATCH_EVENTS", default_value_t = 1000)]
+    pub webhook_batch_events: usize,
+
+    /// Most bytes in one webhook POST.
+    #[arg(long, env = "TALLY_WEBHOOK_BATCH_BYTES", default_value_t = 1 << 20)]
+    pub webhook_batch_bytes: usize,
+
+    /// Longest a partial batch waits for more events.
+    #[arg(long, env = "TALLY_WEBHOOK_BATCH_WAIT", default_value = "500ms", value_parser = parse_duration)]
+    pub webhook_batch_wait: Duration,
+
+    /// Time one webhook POST may take.
+    #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+
+    /// Longest wait between retries while the receiver is down or answers 5xx.
+    #[arg(long, env = "TALLY_WEBHOOK_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub webhook_max_backoff: Duration,
+}
+
+impl MeteringConfig {
+    pub fn excluded(&self, namespace: &str) -> bool {
+        self.metering_excluded_namespaces
+            .iter()
+            .chain(&self.exclude_namespaces)
+            .any(|n| n.trim() == namespace)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

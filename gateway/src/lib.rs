@@ -43,6 +43,8 @@ pub struct Gateway {
     pub queue_worker: OnceLock<Arc<queue::worker::QueueWorker>>,
     /// Usage events the node agent sent (bounded).
     pub usage: metering::Recent,
+    /// Metering, when a webhook endpoint is configured.
+    pub meter: OnceLock<metering::meter::Meter>,
     /// Why async invocations are unavailable, while they are.
     queue_problem: Mutex<String>,
 }
@@ -61,6 +63,34 @@ impl Gateway {
                 self.queue_problem.lock().unwrap_or_else(|p| p.into_inner())
             ))),
         }
+    }
+
+    /// With a webhook endpoint: the meter, its flusher and the sweep of held events.
+    fn start_metering(self: &Arc<Self>) -> Result<(), StartError> {
+        let m = &self.config.metering;
+        if m.webhook_endpoint.is_none() {
+            return Ok(());
+        }
+        let flusher = metering::flush::Flusher::start(
+            Arc::downgrade(self),
+            m.metering_buffer,
+            m.metering_flush_events,
+            m.metering_flush_interval,
+        );
+        let meter = metering::meter::Meter::new(m.clone(), flusher).map_err(StartError::Config)?;
+        let _ = self.meter.set(meter);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Some(gw) = weak.upgrade() else { return };
+                if let Some(meter) = gw.meter.get() {
+                    meter.sweep(&gw);
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Connects to JetStream in the background (sync calls do not wait for it).
@@ -83,6 +113,10 @@ impl Gateway {
                         let _ = gw
                             .queue_worker
                             .set(queue::worker::QueueWorker::start(&gw, q));
+                    }
+                    let m = &gw.config.metering;
+                    if m.webhook_endpoint.is_some() && m.event_worker {
+                        metering::webhook::start(&gw);
                     }
                 }
                 Err(e) => {
@@ -121,6 +155,8 @@ pub enum StartError {
     Provider(#[from] provider::ProviderError),
     #[error("creating data directory {0}: {1}")]
     DataDir(PathBuf, std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Where the admin credentials came from, for the start-up banner.
@@ -174,8 +210,10 @@ pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSou
         queue: OnceLock::new(),
         queue_worker: OnceLock::new(),
         usage: metering::Recent::default(),
+        meter: OnceLock::new(),
         queue_problem: Mutex::new("connecting to NATS".into()),
     });
+    gw.start_metering()?;
     gw.start_queue();
     Ok((gw, source))
 }

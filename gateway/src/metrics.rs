@@ -24,6 +24,11 @@ pub struct Metrics {
     pub queue_callbacks: IntCounterVec,
     pub usage_events: IntCounterVec,
     pub usage_rejected: IntCounter,
+    /// Usage events by stage: produced, flushed, delivered, parked, dropped, kernel_late.
+    pub metering: IntCounterVec,
+    pub metering_batch_events: prometheus::Histogram,
+    pub metering_delivery_seconds: prometheus::Histogram,
+    pub metering_webhook_retries: IntCounter,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -131,6 +136,33 @@ impl Metrics {
             "gateway_usage_events_rejected_total",
             "Usage events refused (invalid or absurd values)",
         );
+        let metering = counter_vec(
+            "gateway_metering_events_total",
+            "Usage events by stage (produced, flushed, delivered, parked, dropped, kernel_late)",
+            &["stage"],
+        );
+        let metering_batch_events = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_metering_webhook_batch_events",
+                "Events per delivered webhook batch",
+            )
+            .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]),
+        )
+        .expect("valid metric");
+        let metering_delivery_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_metering_delivery_seconds",
+                "From the end of an invocation to its event's delivery",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )
+        .expect("valid metric");
+        let metering_webhook_retries = counter(
+            "gateway_metering_webhook_retries_total",
+            "Webhook deliveries retried (receiver down or 5xx)",
+        );
         for c in [
             Box::new(started.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(completed.clone()),
@@ -147,6 +179,10 @@ impl Metrics {
             Box::new(queue_callbacks.clone()),
             Box::new(usage_events.clone()),
             Box::new(usage_rejected.clone()),
+            Box::new(metering.clone()),
+            Box::new(metering_batch_events.clone()),
+            Box::new(metering_delivery_seconds.clone()),
+            Box::new(metering_webhook_retries.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -167,6 +203,10 @@ impl Metrics {
             queue_callbacks,
             usage_events,
             usage_rejected,
+            metering,
+            metering_batch_events,
+            metering_delivery_seconds,
+            metering_webhook_retries,
         }
     }
 

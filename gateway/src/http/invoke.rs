@@ -22,7 +22,8 @@ pub async fn invoke(
     peer: &Peer,
 ) -> Result<Response<Body>, GatewayError> {
     let received = Instant::now();
-    let start_nanos = SystemTime::now()
+    let received_at = SystemTime::now();
+    let start_nanos = received_at
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     if !matches!(
@@ -49,7 +50,7 @@ pub async fn invoke(
     let call_id = headers::call_id(req.headers());
     let label = function.metric_label();
     let lease = acquire(gw, &function, &label).await;
-    let lease = match lease {
+    let (lease, waited) = match lease {
         Ok(l) => l,
         Err(e) => {
             if !matches!(e, GatewayError::NotFound(_)) {
@@ -72,6 +73,7 @@ pub async fn invoke(
         upstream_timeout: gw.config.upstream_timeout,
         exec_timeout: lease.exec_timeout,
     };
+    let memory_limit = lease.memory_limit;
     let Lease {
         upstream, guard, ..
     } = lease;
@@ -90,18 +92,35 @@ pub async fn invoke(
     if let Ok(v) = HeaderValue::from_str(&seconds) {
         h.insert(headers::X_DURATION_SECONDS, v);
     }
-    Ok(response.map(|b| GuardedBody::new(b, (guard, inflight)).boxed()))
+    let meter = gw.meter.get().is_some().then(|| MeterGuard {
+        gw: gw.clone(),
+        function,
+        call_id,
+        received,
+        received_at,
+        status: response.status().as_u16(),
+        memory_limit,
+        waited,
+    });
+    Ok(response.map(|b| GuardedBody::new(b, (guard, inflight, meter)).boxed()))
 }
 
 /// Leases a replica, holding the request (bounded by `ready_wait`) while none is ready;
 /// a function at zero replicas is scaled up once for all the requests that wait.
-async fn acquire(gw: &Gateway, f: &FunctionRef, label: &str) -> Result<Lease, GatewayError> {
+/// Also returns how long the request waited for a replica, if it had to (a cold start).
+async fn acquire(
+    gw: &Gateway,
+    f: &FunctionRef,
+    label: &str,
+) -> Result<(Lease, Option<std::time::Duration>), GatewayError> {
+    let started = Instant::now();
     let deadline = tokio::time::Instant::now() + gw.config.ready_wait;
     let mut readiness = gw.provider.readiness();
+    let mut waited = false;
     loop {
         readiness.borrow_and_update();
         match gw.provider.acquire(f) {
-            Ok(lease) => return Ok(lease),
+            Ok(lease) => return Ok((lease, waited.then(|| started.elapsed()))),
             Err(AcquireError::NotFound(_)) => {
                 return Err(GatewayError::NotFound(format!("function {f} not found")));
             }
@@ -120,6 +139,7 @@ async fn acquire(gw: &Gateway, f: &FunctionRef, label: &str) -> Result<Lease, Ga
                         tracing::info!(function = %label, "scaling from zero for a held request");
                     }
                 }
+                waited = true;
                 if tokio::time::timeout_at(deadline, readiness.changed())
                     .await
                     .is_err()
@@ -181,5 +201,37 @@ impl InflightGauge {
 impl Drop for InflightGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// Records the gateway's usage event when the response has been sent in full.
+struct MeterGuard {
+    gw: Arc<Gateway>,
+    function: FunctionRef,
+    call_id: String,
+    received: Instant,
+    received_at: SystemTime,
+    status: u16,
+    memory_limit: Option<u64>,
+    waited: Option<std::time::Duration>,
+}
+
+impl Drop for MeterGuard {
+    fn drop(&mut self) {
+        if let Some(meter) = self.gw.meter.get() {
+            meter.gateway(
+                &self.gw,
+                crate::metering::meter::Measured {
+                    namespace: self.function.namespace.as_str(),
+                    function: self.function.name.as_str(),
+                    call_id: &self.call_id,
+                    started: self.received_at,
+                    duration: self.received.elapsed(),
+                    status: self.status,
+                    memory_limit: self.memory_limit,
+                    cold_start: self.waited,
+                },
+            );
+        }
     }
 }

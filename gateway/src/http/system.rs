@@ -63,7 +63,13 @@ pub async fn route(
         }
         ("info", &Method::GET) => Ok(json(StatusCode::OK, &info(gw))),
         ("logs", &Method::GET) => logs(gw, &query),
-        ("replicas", &Method::GET) => Ok(json(StatusCode::OK, &gw.provider.replicas())),
+        ("replicas", &Method::GET) => {
+            // The node agent polls this: while it does, kernel events are preferred.
+            if let Some(meter) = gw.meter.get() {
+                meter.agent_polled();
+            }
+            Ok(json(StatusCode::OK, &gw.provider.replicas()))
+        }
         ("usage", &Method::POST) => ingest_usage(gw, req).await,
         ("usage", &Method::GET) => {
             let limit = query
@@ -322,6 +328,11 @@ async fn ingest_usage(
         .with_label_values(&["kernel"])
         .inc_by(accepted.len() as u64);
     let n = accepted.len();
+    if let Some(meter) = gw.meter.get() {
+        for e in &accepted {
+            meter.kernel(gw, e.clone());
+        }
+    }
     gw.usage.push(accepted);
     Ok(json(
         StatusCode::OK,

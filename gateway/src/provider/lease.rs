@@ -64,6 +64,8 @@ pub struct Lease {
     pub replica: String,
     /// The function's `exec_timeout`, when it has one.
     pub exec_timeout: Option<Duration>,
+    /// The function's `limits.memory`, in bytes.
+    pub memory_limit: Option<u64>,
     pub guard: LoadGuard,
 }
 

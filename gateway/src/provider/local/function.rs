@@ -83,6 +83,7 @@ impl FunctionSlot {
                     upstream,
                     replica: r.name.clone(),
                     exec_timeout: r.spec.exec_timeout,
+                    memory_limit: r.spec.limits.memory_bytes,
                     guard,
                 });
             }

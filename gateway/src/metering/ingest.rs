@@ -1,0 +1,143 @@
+//! Usage events: what the node agent measured in the kernel for each invocation,
+//! ingested over `POST /system/usage`, validated, counted and kept (bounded) for queries.
+//! (The signed-webhook pipeline to billing builds on this.)
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use chrono::DateTime;
+use serde::{Deserialize, Serialize};
+
+use crate::names::{FunctionName, Namespace};
+
+/// Longest invocation accepted: anything beyond is a measuring error, not a bill.
+const MAX_DURATION_NS: u64 = 7 * 24 * 3600 * 1_000_000_000;
+/// Events kept for `GET /system/usage`.
+pub const RECENT_CAPACITY: usize = 100_000;
+
+/// One invocation as measured in the kernel (the agent's `UsageEvent`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    pub call_id: Option<String>,
+    pub namespace: String,
+    pub function_name: String,
+    #[serde(default)]
+    pub replica: Option<String>,
+    pub started: String,
+    pub duration_ns: u64,
+    pub status_code: u16,
+    pub memory_peak_bytes: u64,
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    pub source: String,
+}
+
+impl UsageEvent {
+    /// Why this event cannot be billed, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        if let Err(e) = FunctionName::new(self.function_name.clone()) {
+            return Some(format!("function_name: {e}"));
+        }
+        if let Err(e) = Namespace::new(self.namespace.clone()) {
+            return Some(format!("namespace: {e}"));
+        }
+        if DateTime::parse_from_rfc3339(&self.started).is_err() {
+            return Some(format!("started {:?} is not an RFC3339 time", self.started));
+        }
+        if self.duration_ns > MAX_DURATION_NS {
+            return Some(format!(
+                "duration_ns {} is more than 7 days",
+                self.duration_ns
+            ));
+        }
+        if self.source != "kernel" {
+            return Some(format!(
+                "source {:?}: only \"kernel\" events are ingested",
+                self.source
+            ));
+        }
+        if self.call_id.as_ref().is_some_and(|c| c.len() > 256) {
+            return Some("call_id is longer than 256 characters".into());
+        }
+        None
+    }
+}
+
+/// The latest events, oldest dropped first.
+#[derive(Default)]
+pub struct Recent {
+    events: Mutex<VecDeque<UsageEvent>>,
+}
+
+impl Recent {
+    pub fn push(&self, batch: impl IntoIterator<Item = UsageEvent>) {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        for e in batch {
+            if events.len() == RECENT_CAPACITY {
+                events.pop_front();
+            }
+            events.push_back(e);
+        }
+    }
+
+    /// Matching events, oldest first, at most `limit` (the newest ones).
+    pub fn query(&self, keep: impl Fn(&UsageEvent) -> bool, limit: usize) -> Vec<UsageEvent> {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let matching: Vec<&UsageEvent> = events.iter().filter(|e| keep(e)).collect();
+        let skip = matching.len().saturating_sub(limit);
+        matching.into_iter().skip(skip).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> UsageEvent {
+        serde_json::from_str(
+            r#"{"call_id":"c1","namespace":"openfaas-fn","function_name":"env","replica":"env-abcde",
+                "started":"2026-11-22T10:00:00.123456789Z","duration_ns":1500000,"status_code":200,
+                "memory_peak_bytes":1048576,"memory_limit_bytes":null,"source":"kernel"}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn absurd_values_are_refused() {
+        assert_eq!(event().problem(), None);
+        let mut e = event();
+        e.duration_ns = u64::MAX;
+        assert!(e.problem().unwrap().contains("7 days"));
+        let mut e = event();
+        e.started = "yesterday".into();
+        assert!(e.problem().unwrap().contains("RFC3339"));
+        let mut e = event();
+        e.function_name = "Bad_Name".into();
+        assert!(e.problem().unwrap().contains("function_name"));
+        let mut e = event();
+        e.source = "gateway".into();
+        assert!(e.problem().is_some());
+    }
+
+    #[test]
+    fn recent_is_bounded_and_filtered() {
+        let r = Recent::default();
+        r.push((0..5).map(|i| UsageEvent {
+            call_id: Some(format!("c{i}")),
+            ..event()
+        }));
+        let last2 = r.query(|_| true, 2);
+        assert_eq!(
+            last2
+                .iter()
+                .map(|e| e.call_id.clone().unwrap())
+                .collect::<Vec<_>>(),
+            ["c3", "c4"]
+        );
+        assert_eq!(r.query(|e| e.call_id.as_deref() == Some("c1"), 10).len(), 1);
+    }
+}

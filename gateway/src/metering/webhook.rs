@@ -1,0 +1,298 @@
+//! The event-worker: pulls usage events from JetStream, POSTs them to the webhook in
+//! signed batches, acks only after a 2xx, retries 5xx and outages with capped backoff,
+//! and parks a batch the receiver refuses (4xx) for inspection.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, header};
+use http_body_util::{BodyExt, Full};
+
+use super::event::FunctionUsage;
+use super::flush::{PARKED_SUBJECT, STREAM, ensure_streams};
+use super::sign;
+use crate::Gateway;
+
+const CONSUMER: &str = "tally_event_worker";
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+enum Outcome {
+    Delivered,
+    /// The receiver refused the batch (4xx): retrying would not help.
+    Refused(u16, String),
+    /// Down, timed out or 5xx: retry.
+    Failed(String),
+}
+
+/// Starts the event-worker (returns at once; runs until the gateway stops).
+pub fn start(gw: &Arc<Gateway>) {
+    let weak = Arc::downgrade(gw);
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = run(&weak).await {
+                tracing::warn!("event-worker: {e}; restarting in 1 s");
+            }
+            let Some(gw) = weak.upgrade() else { return };
+            if *gw.stopping.borrow() {
+                return;
+            }
+            drop(gw);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
+    let (endpoint, cfg, js, replicas, mut stopping) = {
+        let gw = weak.upgrade().ok_or("gateway gone")?;
+        let cfg = gw.config.metering.clone();
+        let endpoint = cfg.webhook_endpoint.clone().ok_or("no webhook_endpoint")?;
+        let queue = gw
+            .queue
+            .get()
+            .filter(|q| q.connected())
+            .ok_or("NATS is not connected yet")?;
+        (
+            endpoint,
+            cfg,
+            queue.js.clone(),
+            queue.config.nats_replicas,
+            gw.stopping.subscribe(),
+        )
+    };
+    let secret = match &cfg.webhook_secret_file {
+        Some(path) => Some(
+            sign::read_secret(path)
+                .map_err(|e| format!("webhook_secret_file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    ensure_streams(&js, replicas).await?;
+    let stream = js.get_stream(STREAM).await.map_err(|e| e.to_string())?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            CONSUMER,
+            pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_deliver: -1,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build_http();
+    loop {
+        // A batch: whole messages, until the event or byte limit, or the wait runs out.
+        let first = tokio::select! {
+            m = messages.next() => m,
+            () = crate::until_true(&mut stopping) => return Ok(()),
+        };
+        let Some(first) = first else {
+            return Err("the message stream ended".into());
+        };
+        let first = first.map_err(|e| e.to_string())?;
+        let (mut bytes, mut events) = (first.payload.len(), count(&first));
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + cfg.webhook_batch_wait;
+        while bytes < cfg.webhook_batch_bytes && events < cfg.webhook_batch_events {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(Ok(m))) => {
+                    bytes += m.payload.len();
+                    events += count(&m);
+                    batch.push(m);
+                }
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let Some(gw) = weak.upgrade() else {
+            return Ok(());
+        };
+        deliver(&gw, &client, &endpoint, secret.as_deref(), &js, batch, &cfg).await;
+    }
+}
+
+/// Events in one message (a JSON array).
+fn count(m: &jetstream::Message) -> usize {
+    serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&m.payload).map_or(0, |v| v.len())
+}
+
+async fn deliver(
+    gw: &Gateway,
+    client: &Client,
+    endpoint: &str,
+    secret: Option<&[u8]>,
+    js: &jetstream::Context,
+    batch: Vec<jetstream::Message>,
+    cfg: &crate::config::MeteringConfig,
+) {
+    let mut events: Vec<FunctionUsage> = Vec::new();
+    let mut readable = Vec::with_capacity(batch.len());
+    for m in batch {
+        match serde_json::from_slice::<Vec<FunctionUsage>>(&m.payload) {
+            Ok(mut e) => {
+                events.append(&mut e);
+                readable.push(m);
+            }
+            Err(e) => {
+                tracing::error!("unreadable usage message parked: {e}");
+                park(js, &m.payload, 0, &format!("unreadable: {e}")).await;
+                let _ = m.double_ack().await;
+            }
+        }
+    }
+    let batch = readable;
+    if events.is_empty() {
+        return;
+    }
+    let body = Bytes::from(serde_json::to_vec(&events).unwrap_or_default());
+    let delivery = uuid::Uuid::new_v4().to_string();
+    let signature = secret.map(|s| sign::signature(s, &body));
+    let mut backoff = Duration::from_millis(200);
+    let started = Instant::now();
+    loop {
+        match post(
+            client,
+            endpoint,
+            &body,
+            &delivery,
+            signature.as_deref(),
+            cfg.webhook_timeout,
+        )
+        .await
+        {
+            Outcome::Delivered => {
+                for m in &batch {
+                    if let Err(e) = m.double_ack().await {
+                        tracing::warn!(
+                            "ack after delivery failed (the batch may be sent again): {e}"
+                        );
+                    }
+                }
+                gw.metrics
+                    .metering
+                    .with_label_values(&["delivered"])
+                    .inc_by(events.len() as u64);
+                gw.metrics
+                    .metering_batch_events
+                    .observe(events.len() as f64);
+                let now = chrono::Utc::now();
+                for e in &events {
+                    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&e.started) {
+                        let ended = t.with_timezone(&chrono::Utc)
+                            + chrono::Duration::nanoseconds(e.duration.min(i64::MAX as u64) as i64);
+                        let lag = (now - ended).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                        gw.metrics.metering_delivery_seconds.observe(lag);
+                    }
+                }
+                return;
+            }
+            Outcome::Refused(status, why) => {
+                tracing::error!(
+                    status,
+                    events = events.len(),
+                    "webhook refused a batch; parked in {}: {why}",
+                    super::flush::PARKED_STREAM
+                );
+                park(js, &body, status, &why).await;
+                for m in &batch {
+                    let _ = m.double_ack().await;
+                }
+                gw.metrics
+                    .metering
+                    .with_label_values(&["parked"])
+                    .inc_by(events.len() as u64);
+                return;
+            }
+            Outcome::Failed(why) => {
+                gw.metrics.metering_webhook_retries.inc();
+                tracing::warn!(events = events.len(), waited = ?started.elapsed(), "webhook delivery failed: {why}; retrying in {backoff:?}");
+                for m in &batch {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(cfg.webhook_max_backoff);
+            }
+        }
+    }
+}
+
+async fn post(
+    client: &Client,
+    endpoint: &str,
+    body: &Bytes,
+    delivery: &str,
+    signature: Option<&str>,
+    timeout: Duration,
+) -> Outcome {
+    let mut req = Request::post(endpoint)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("X-Openfaas-Event", "function_usage")
+        .header("X-Openfaas-Delivery", delivery);
+    if let Some(sig) = signature {
+        req = req.header("X-Openfaas-Signature-256", sig);
+    }
+    let req = match req.body(Full::new(body.clone())) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Refused(0, format!("invalid webhook request: {e}")),
+    };
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Outcome::Failed(format!("no answer within {timeout:?}")),
+        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+        Ok(Ok(resp)) => {
+            let status = resp.status();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&text[..text.len().min(500)]).to_string();
+            if status.is_success() {
+                Outcome::Delivered
+            } else if status.is_client_error()
+                && status != http::StatusCode::TOO_MANY_REQUESTS
+                && status != http::StatusCode::REQUEST_TIMEOUT
+            {
+                Outcome::Refused(status.as_u16(), text)
+            } else {
+                Outcome::Failed(format!("{status}: {text}"))
+            }
+        }
+    }
+}
+
+/// Keeps a refused batch in `TALLY_USAGE_PARKED`, with the answer in its headers.
+async fn park(js: &jetstream::Context, body: &[u8], status: u16, why: &str) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Tally-Webhook-Status", status.to_string().as_str());
+    headers.insert(
+        "Tally-Webhook-Answer",
+        why.replace(['\r', '\n'], " ").as_str(),
+    );
+    match js
+        .publish_with_headers(PARKED_SUBJECT, headers, Bytes::copy_from_slice(body))
+        .await
+    {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                tracing::error!("parking a refused batch: {e}");
+            }
+        }
+        Err(e) => tracing::error!("parking a refused batch: {e}"),
+    }
+}

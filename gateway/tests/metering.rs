@@ -1,0 +1,378 @@
+//! Metering end to end over real HTTP and a real nats-server: one usage event per
+//! invocation, flushed to JetStream, POSTed to the webhook in signed batches (checked by
+//! an independent verifier, Python's hmac), retried, parked, deduplicated with the
+//! agent's kernel events, and excluded by namespace.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+struct Webhook {
+    sink: CallbackSink,
+    secret: tempfile::NamedTempFile,
+}
+
+impl Webhook {
+    async fn start() -> Self {
+        let sink = CallbackSink::start().await;
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "s3cret-for-the-webhook\n").unwrap();
+        Self { sink, secret }
+    }
+
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--webhook-endpoint".into(),
+            self.sink.url.clone(),
+            "--webhook-secret-file".into(),
+            self.secret.path().to_str().unwrap().into(),
+        ]
+    }
+
+    /// Every event of every delivery, checking each delivery's signature independently.
+    fn events(&self) -> Vec<Value> {
+        self.sink
+            .all()
+            .iter()
+            .filter(|r| r.headers.get("x-openfaas-event").is_some())
+            .flat_map(|r| {
+                assert!(
+                    python_verifies(
+                        &r.body,
+                        r.headers["x-openfaas-signature-256"].to_str().unwrap()
+                    ),
+                    "bad signature"
+                );
+                serde_json::from_slice::<Vec<Value>>(&r.body).unwrap()
+            })
+            .collect()
+    }
+
+    async fn wait_events(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self.events();
+            if events.len() >= n {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} events: {events:?}",
+                events.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Python's hmac, not our code path, checks the header against the raw body.
+fn python_verifies(body: &[u8], header: &str) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("body");
+    std::fs::write(&path, body).unwrap();
+    let script = "import hmac, hashlib, sys\n\
+        body = open(sys.argv[1], 'rb').read()\n\
+        want = 'sha256=' + hmac.new(b's3cret-for-the-webhook', body, hashlib.sha256).hexdigest()\n\
+        sys.exit(0 if hmac.compare_digest(want, sys.argv[2]) else 1)\n";
+    std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .arg(header)
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test]
+async fn every_invocation_is_one_signed_event() {
+    let hook = Webhook::start().await;
+    let flags = hook.flags();
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = TestGateway::start(&args);
+    let mut f = fork_fn("hello", "sleep 0.05; echo hi");
+    f["limits"] = json!({"memory": "64Mi"});
+    gw.deploy_ok(f).await;
+    gw.deploy_ok(http_fn("web")).await;
+    gw.wait_available("web", 1).await;
+    gw.wait_async_ready().await;
+    for i in 0..3 {
+        let r = gw
+            .http
+            .post(gw.url("/function/hello"))
+            .header("X-Call-Id", format!("sync-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    gw.http
+        .get(gw.url("/function/web/status?code=500"))
+        .header("X-Call-Id", "sync-500")
+        .send()
+        .await
+        .unwrap();
+    let r = gw
+        .http
+        .post(gw.url("/async-function/web/echo"))
+        .header("X-Call-Id", "async-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let events = hook.wait_events(5).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let events_now = hook.events();
+    assert_eq!(
+        events_now.len(),
+        5,
+        "exactly one event per invocation: {events_now:?}"
+    );
+    let by_call: HashMap<&str, &Value> = events
+        .iter()
+        .map(|e| (e["call_id"].as_str().unwrap(), e))
+        .collect();
+    let e = by_call["sync-0"];
+    assert_eq!(e["event"], "function_usage");
+    assert_eq!(
+        (e["namespace"].as_str(), e["function_name"].as_str()),
+        (Some("openfaas-fn"), Some("hello"))
+    );
+    assert_eq!(e["memory_bytes"], 64 << 20, "the limit");
+    assert_eq!(e["source"], "gateway");
+    assert_eq!(e["status_code"], 200);
+    let duration = e["duration"].as_u64().unwrap();
+    assert!(
+        duration >= 50_000_000,
+        "the 50 ms sleep is in the duration: {duration}"
+    );
+    assert_eq!(
+        e["billed_duration_ms"].as_u64().unwrap(),
+        duration.div_ceil(1_000_000)
+    );
+    assert!(chrono::DateTime::parse_from_rfc3339(e["started"].as_str().unwrap()).is_ok());
+    assert!(
+        e["memory_peak_bytes"].is_null(),
+        "the gateway does not measure memory"
+    );
+    assert_eq!(by_call["sync-500"]["status_code"], 500);
+    assert_eq!(
+        by_call["sync-500"]["memory_bytes"],
+        128 << 20,
+        "default_memory without a limit"
+    );
+    assert!(
+        by_call.contains_key("async-1"),
+        "async invocations are metered too"
+    );
+    let ids: std::collections::HashSet<&str> =
+        events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 5, "unique ids");
+    let delivery = &hook.sink.all()[0];
+    assert_eq!(delivery.headers["x-openfaas-event"], "function_usage");
+    assert_eq!(delivery.headers["content-type"], "application/json");
+    assert_eq!(
+        delivery.headers["x-openfaas-delivery"]
+            .to_str()
+            .unwrap()
+            .len(),
+        36
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "gateway_metering_events_total{stage=\"delivered\"}"),
+        Some(5.0)
+    );
+    assert_eq!(
+        metric(&m, "gateway_metering_events_total{stage=\"dropped\"}"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn excluded_namespaces_are_not_metered() {
+    let hook = Webhook::start().await;
+    let mut flags = hook.flags();
+    flags.extend([
+        "--namespaces".into(),
+        "billing".into(),
+        "--metering-excluded-namespaces".into(),
+        "billing".into(),
+    ]);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = TestGateway::start(&args);
+    let mut f = fork_fn("recv", "echo r");
+    f["namespace"] = json!("billing");
+    gw.deploy_ok(f).await;
+    gw.deploy_ok(fork_fn("paid", "echo p")).await;
+    gw.wait_async_ready().await;
+    gw.invoke("recv.billing").await;
+    gw.invoke("paid").await;
+    let events = hook.wait_events(1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(hook.events().len(), 1);
+    assert_eq!(events[0]["function_name"], "paid");
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_gets_retries_and_a_refused_batch_is_parked() {
+    let hook = Webhook::start().await;
+    hook.sink
+        .answer
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let mut flags = hook.flags();
+    flags.extend(["--webhook-max-backoff".into(), "400ms".into()]);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = TestGateway::start(&args);
+    gw.deploy_ok(fork_fn("f", "echo f")).await;
+    gw.wait_async_ready().await;
+    gw.invoke("f").await;
+    // Refused twice with 500, then accepted: delivered once the receiver is back.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while hook.sink.all().len() < 2 {
+        assert!(Instant::now() < deadline, "no retry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hook.sink
+        .answer
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = gw.metrics().await;
+        if metric(&m, "gateway_metering_events_total{stage=\"delivered\"}") == Some(1.0) {
+            assert!(metric(&m, "gateway_metering_webhook_retries_total").unwrap() >= 2.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A 400 is not retried forever: the batch is parked and counted.
+    hook.sink
+        .answer
+        .store(400, std::sync::atomic::Ordering::SeqCst);
+    let before = hook.sink.all().len();
+    gw.invoke("f").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = gw.metrics().await;
+        if metric(&m, "gateway_metering_events_total{stage=\"parked\"}") == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        hook.sink.all().len(),
+        before + 1,
+        "a refused batch is sent once"
+    );
+}
+
+#[tokio::test]
+async fn kernel_events_replace_the_gateways_and_never_both() {
+    let hook = Webhook::start().await;
+    let mut flags = hook.flags();
+    flags.extend(["--metering-grace".into(), "700ms".into()]);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = TestGateway::start(&args);
+    gw.deploy_ok(fork_fn("k", "echo k")).await;
+    gw.wait_async_ready().await;
+    // Act as the node agent: poll the replica map (an agent is active)...
+    gw.replicas().await;
+    for id in ["with-kernel", "without-kernel"] {
+        gw.http
+            .get(gw.url("/function/k"))
+            .header("X-Call-Id", id)
+            .send()
+            .await
+            .unwrap();
+    }
+    // ...and report the kernel's measurement of one call.
+    let kernel = |id: &str, duration: u64| {
+        json!({
+            "call_id": id, "namespace": "openfaas-fn", "function_name": "k", "replica": "k-xxxxx",
+            "started": "2026-11-22T10:00:00.000000001Z", "duration_ns": duration, "status_code": 200,
+            "memory_peak_bytes": 3_000_000, "memory_limit_bytes": null, "cpu_ns": 900_000, "source": "kernel"
+        })
+    };
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/usage")))
+        .json(&json!([kernel("with-kernel", 1_234_567)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = hook.wait_events(2).await;
+    let with = events
+        .iter()
+        .find(|e| e["call_id"] == "with-kernel")
+        .unwrap();
+    assert_eq!(with["source"], "kernel", "{events:?}");
+    assert_eq!(with["duration"], 1_234_567);
+    assert_eq!(with["billed_duration_ms"], 2);
+    assert_eq!(with["memory_peak_bytes"], 3_000_000);
+    assert_eq!(with["cpu_ns"], 900_000);
+    let without = events
+        .iter()
+        .find(|e| e["call_id"] == "without-kernel")
+        .unwrap();
+    assert_eq!(
+        without["source"], "gateway",
+        "after the grace the gateway's own event goes"
+    );
+    // A kernel event arriving after the gateway's was sent is dropped, not billed twice.
+    gw.auth(gw.http.post(gw.url("/system/usage")))
+        .json(&json!([kernel("without-kernel", 5_000_000)]))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let all = hook.events();
+    assert_eq!(all.len(), 2, "never both for one call: {all:?}");
+    assert_eq!(
+        metric(
+            &gw.metrics().await,
+            "gateway_metering_events_total{stage=\"kernel_late\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn cold_starts_are_marked() {
+    let hook = Webhook::start().await;
+    let flags = hook.flags();
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = TestGateway::start(&args);
+    gw.deploy_ok(http_fn("cold")).await;
+    gw.wait_available("cold", 1).await;
+    gw.scale("cold", 0).await;
+    gw.wait_available("cold", 0).await;
+    gw.wait_async_ready().await;
+    gw.http
+        .get(gw.url("/function/cold"))
+        .header("X-Call-Id", "first")
+        .send()
+        .await
+        .unwrap();
+    gw.http
+        .get(gw.url("/function/cold"))
+        .header("X-Call-Id", "second")
+        .send()
+        .await
+        .unwrap();
+    let events = hook.wait_events(2).await;
+    let first = events.iter().find(|e| e["call_id"] == "first").unwrap();
+    assert_eq!(first["cold_start"], true);
+    assert!(
+        first["init_duration_ns"].as_u64().unwrap() > 1_000_000,
+        "{first}"
+    );
+    let second = events.iter().find(|e| e["call_id"] == "second").unwrap();
+    assert_eq!(second["cold_start"], false);
+    assert!(second["init_duration_ns"].is_null());
+}
