@@ -58,7 +58,16 @@ async fn accepted_calls_run_and_call_back() {
     assert_eq!(seen["headers"]["x-call-id"], "my-call-1");
     assert!(seen["headers"].get("x-callback-url").is_none());
 
-    let status = gw.call_status("my-call-1").await;
+    // The status records the callback's outcome too, so it is written just after it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = gw.call_status("my-call-1").await;
+        if s["callback"].is_object() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(status["state"], "succeeded");
     assert_eq!(status["status_code"], 200);
     assert_eq!(status["attempt"], 1);

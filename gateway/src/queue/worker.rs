@@ -401,6 +401,11 @@ impl QueueWorker {
             st.error = None;
         }
         if let Some(url) = &call.callback_url {
+            // The outcome first, so a caller that is called back finds the call finished;
+            // the callback's own outcome is added after it.
+            if let Err(e) = self.queue.store.put(st).await {
+                tracing::warn!(call_id = %call.call_id, "could not store the final status: {e}");
+            }
             let cb = Callback {
                 url,
                 call_id: &call.call_id,
