@@ -376,3 +376,46 @@ async fn cold_starts_are_marked() {
     assert_eq!(second["cold_start"], false);
     assert!(second["init_duration_ns"].is_null());
 }
+
+#[tokio::test]
+async fn two_event_workers_share_the_stream_without_double_delivery() {
+    let nats = TestNats::start();
+    let hook = Webhook::start().await;
+    let mut flags = hook.flags();
+    flags.extend([
+        "--nats-url".into(),
+        nats.url.clone(),
+        "--webhook-batch-events".into(),
+        "20".into(),
+    ]);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let a = TestGateway::start(&args);
+    let _b = TestGateway::start(&args);
+    a.deploy_ok(http_fn("many")).await;
+    a.wait_available("many", 1).await;
+    a.wait_async_ready().await;
+    for chunk in 0..10 {
+        let calls = (0..30).map(|i| {
+            a.http
+                .get(a.url("/function/many"))
+                .header("X-Call-Id", format!("m-{chunk}-{i}"))
+                .send()
+        });
+        for r in futures_util::future::join_all(calls).await {
+            assert_eq!(r.unwrap().status(), 200);
+        }
+    }
+    let events = hook.wait_events(300).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = if hook.events().len() > events.len() {
+        hook.events()
+    } else {
+        events
+    };
+    let ids: std::collections::HashSet<&str> = events
+        .iter()
+        .map(|e| e["call_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 300);
+    assert_eq!(events.len(), 300, "no event delivered twice");
+}
