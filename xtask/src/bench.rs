@@ -19,6 +19,8 @@ pub enum Which {
     Async,
     /// Gateway throughput with the node agent attached vs detached.
     Agent,
+    /// Sync throughput with metering (webhook batches) on vs off.
+    Metering,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +60,10 @@ struct Bench {
 
 impl Bench {
     fn start(name: &str) -> Result<Self> {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, gateway_args: &[String]) -> Result<Self> {
         run_cmd(Command::new("cargo").args([
             "build",
             "--release",
@@ -78,7 +84,7 @@ impl Bench {
                 .env("PORT", function_port.to_string())
                 .spawn()?,
         );
-        let (gateway, url, auth) = start_gateway(&bin, &data)?;
+        let (gateway, url, auth) = start_gateway(&bin, &data, name, gateway_args)?;
         Ok(Self {
             data,
             function_port,
@@ -113,7 +119,10 @@ pub fn run(args: Args) -> Result<()> {
     crate::setup::ensure_all()?;
     match args.which {
         Which::Async => return run_async(&args),
-        Which::Agent => return crate::bench_agent::run(args.seconds, args.rounds, args.connections),
+        Which::Agent => {
+            return crate::bench_agent::run(args.seconds, args.rounds, args.connections);
+        }
+        Which::Metering => return run_metering(&args),
         Which::Sync => {}
     }
     // The function on its own, started as the gateway would start it.
@@ -178,16 +187,22 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn start_gateway(bin: &Path, data: &PathBuf) -> Result<(Child, String, String)> {
+fn start_gateway(
+    bin: &Path,
+    data: &PathBuf,
+    name: &str,
+    extra: &[String],
+) -> Result<(Child, String, String)> {
     let mut child = Command::new(bin.join("gateway"))
         .args([
             "--listen",
             "127.0.0.1:0",
             "--cgroup-parent",
-            "tally-bench",
+            &format!("tally-bench-{name}"),
             "--data-dir",
         ])
         .arg(data)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()?;
@@ -445,5 +460,71 @@ fn run_async(args: &Args) -> Result<()> {
         submitted / elapsed
     );
     println!("| callbacks delivered | {delivered:.0} |");
+    Ok(())
+}
+
+/// Sync throughput through two gateways in the same run: one without metering, one
+/// metering every call to a webhook (a hello-rust that accepts the batches).
+fn run_metering(args: &Args) -> Result<()> {
+    let off = Bench::start("metering-off")?;
+    let secret = off.data.join("webhook-secret");
+    std::fs::write(&secret, "bench-secret\n")?;
+    let on = Bench::start_with(
+        "metering-on",
+        &[
+            "--webhook-endpoint".into(),
+            format!("http://127.0.0.1:{}/usage", off.function_port),
+            "--webhook-secret-file".into(),
+            secret.display().to_string(),
+        ],
+    )?;
+    let agent = agent();
+    for b in [&off, &on] {
+        deploy(
+            &agent,
+            &b.url,
+            &b.auth,
+            json!({"service": "tiny", "image": "bench/tiny", "envProcess": "./hello-rust", "envVars": {"mode": "http"}}),
+        )?;
+        wait_ok(&agent, &format!("{}/function/tiny", b.url))?;
+    }
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        eprintln!("round {}/{}", round + 1, args.rounds);
+        without.push(wrk(&format!("{}/function/tiny", off.url), args)?);
+        with.push(wrk(&format!("{}/function/tiny", on.url), args)?);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut r = agent.get(&format!("{}/metrics", on.url)).call()?;
+    let metrics = r.body_mut().read_to_string()?;
+    let stage = |s: &str| {
+        let key = format!("gateway_metering_events_total{{stage=\"{s}\"}}");
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(key.as_str())
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let (a, b) = (median_wrk(&without), median_wrk(&with));
+    println!("| sync through the gateway | requests/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|");
+    println!(
+        "| metering off | {:.0} | {:.2} | {:.2} |",
+        a.rps, a.p50_ms, a.p99_ms
+    );
+    println!(
+        "| metering on (webhook batches) | {:.0} | {:.2} | {:.2} |",
+        b.rps, b.p50_ms, b.p99_ms
+    );
+    println!();
+    println!("on / off throughput: {:.1}%", 100.0 * b.rps / a.rps);
+    println!(
+        "events produced {:.0}, delivered {:.0}, dropped {:.0}",
+        stage("produced"),
+        stage("delivered"),
+        stage("dropped")
+    );
     Ok(())
 }
