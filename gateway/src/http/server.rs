@@ -66,6 +66,12 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl Futur
         tracing::warn!("connections still open after write_timeout; closing them");
     }
     gw.provider.shutdown().await;
+    // The drained requests have produced their usage events: publish them before NATS goes.
+    if let Some(meter) = gw.meter.get() {
+        meter
+            .flush_all(&gw, std::time::Duration::from_secs(5))
+            .await;
+    }
     gw.finished.send_replace(true);
     tracing::info!("stopped");
 }

@@ -18,7 +18,15 @@ pub const PARKED_SUBJECT: &str = "tally.usage.parked";
 /// Where metered events go; cheap to clone.
 #[derive(Clone)]
 pub struct Flusher {
-    tx: mpsc::Sender<FunctionUsage>,
+    tx: mpsc::Sender<Msg>,
+}
+
+// Events are nearly every message: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Event(FunctionUsage),
+    /// Publish what is buffered now, then answer (used at shutdown).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Flusher {
@@ -31,19 +39,30 @@ impl Flusher {
 
     /// Hands an event over without waiting; a full buffer drops it and says so.
     pub fn send(&self, gw: &Gateway, event: FunctionUsage) {
-        match self.tx.try_send(event) {
+        match self.tx.try_send(Msg::Event(event)) {
             Ok(()) => gw.metrics.metering.with_label_values(&["produced"]).inc(),
-            Err(e) => {
+            Err(_) => {
                 gw.metrics.metering.with_label_values(&["dropped"]).inc();
-                tracing::error!("metering buffer full: usage event dropped ({e})");
+                tracing::error!("metering buffer full: usage event dropped");
             }
         }
+    }
+
+    /// Publishes everything handed over so far; waits at most `limit`.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Msg::Flush(tx)).await.is_err() {
+            return false;
+        }
+        tokio::time::timeout(limit, rx)
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
 async fn flush_loop(
     gw: Weak<Gateway>,
-    mut rx: mpsc::Receiver<FunctionUsage>,
+    mut rx: mpsc::Receiver<Msg>,
     every: usize,
     interval: Duration,
 ) {
@@ -51,16 +70,25 @@ async fn flush_loop(
     let mut streams_ready = false;
     loop {
         // Wait for a first event, then for more until the batch is full or T passed.
+        let mut flushed = None;
         match rx.recv().await {
-            Some(e) => batch.push(e),
+            Some(Msg::Event(e)) => batch.push(e),
+            Some(Msg::Flush(done)) => flushed = Some(done),
             None => return,
         }
         let deadline = tokio::time::Instant::now() + interval;
-        while batch.len() < every {
+        while flushed.is_none() && batch.len() < every {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(e)) => batch.push(e),
+                Ok(Some(Msg::Event(e))) => batch.push(e),
+                Ok(Some(Msg::Flush(done))) => flushed = Some(done),
                 Ok(None) | Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            if let Some(done) = flushed {
+                let _ = done.send(());
+            }
+            continue;
         }
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -72,6 +100,9 @@ async fn flush_loop(
                         .with_label_values(&["flushed"])
                         .inc_by(batch.len() as u64);
                     batch.clear();
+                    if let Some(done) = flushed.take() {
+                        let _ = done.send(());
+                    }
                     break;
                 }
                 Err(e) => {

@@ -175,6 +175,24 @@ impl Meter {
         self.flusher.send(gw, event);
     }
 
+    /// At shutdown: sends every held event now, then publishes the buffer.
+    pub async fn flush_all(&self, gw: &Gateway, limit: Duration) {
+        let held: Vec<FunctionUsage> = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.order.clear();
+            p.by_call
+                .drain()
+                .flat_map(|(_, q)| q.into_iter().map(|h| h.event))
+                .collect()
+        };
+        for event in held {
+            self.flusher.send(gw, event);
+        }
+        if !self.flusher.flush(limit).await {
+            tracing::warn!("usage events still unflushed at shutdown after {limit:?}");
+        }
+    }
+
     /// Sends the gateway's events whose grace ran out without a kernel twin.
     pub fn sweep(&self, gw: &Gateway) {
         let now = Instant::now();
