@@ -270,6 +270,51 @@ async fn a_receiver_that_fails_gets_retries_and_a_refused_batch_is_parked() {
         before + 1,
         "a refused batch is sent once"
     );
+    // Parked for inspection, and re-queued once the receiver is fixed.
+    let parked: Vec<Value> = gw
+        .get_sys("/system/metering/parked")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(
+        (parked[0]["status"].as_u64(), parked[0]["events"].as_u64()),
+        (Some(400), Some(1))
+    );
+    hook.sink
+        .answer
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/metering/parked/requeue")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap()["requeued"], 1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(
+        &gw.metrics().await,
+        "gateway_metering_events_total{stage=\"delivered\"}",
+    ) != Some(2.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the re-queued batch was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let parked: Vec<Value> = gw
+        .get_sys("/system/metering/parked")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(parked.is_empty());
 }
 
 #[tokio::test]

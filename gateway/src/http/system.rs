@@ -91,6 +91,23 @@ pub async fn route(
             );
             Ok(json(StatusCode::OK, &events))
         }
+        ("metering/parked", &Method::GET) => {
+            let queue = gw.queue()?;
+            let parked = crate::metering::parked::list(&queue.js)
+                .await
+                .map_err(unavailable)?;
+            Ok(json(StatusCode::OK, &parked))
+        }
+        ("metering/parked/requeue", &Method::POST) => {
+            let queue = gw.queue()?;
+            let n = crate::metering::parked::requeue(&queue.js)
+                .await
+                .map_err(unavailable)?;
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"requeued": n}),
+            ))
+        }
         ("async-dead-letters", &Method::GET) => {
             let queue = gw.queue()?;
             let letters = queue

@@ -6,6 +6,7 @@ pub mod event;
 pub mod flush;
 pub mod ingest;
 pub mod meter;
+pub mod parked;
 pub mod sign;
 pub mod webhook;
 
