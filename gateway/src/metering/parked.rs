@@ -28,9 +28,9 @@ async fn sequences(
 ) -> Result<std::ops::RangeInclusive<u64>, String> {
     let state = &stream.info().await.map_err(|e| e.to_string())?.state;
     if state.messages == 0 {
-        return Ok(1..=0);
+        return Ok(0..0);
     }
-    Ok(state.first_sequence..=state.last_sequence.min(state.first_sequence + PER_CALL - 1))
+    Ok(state.first_sequence..state.last_sequence.min(state.first_sequence + PER_CALL - 1) + 1)
 }
 
 pub async fn list(js: &jetstream::Context) -> Result<Vec<ParkedBatch>, String> {
