@@ -23,9 +23,7 @@ async fn stream(js: &jetstream::Context) -> Option<jetstream::stream::Stream> {
     js.get_stream(PARKED_STREAM).await.ok()
 }
 
-async fn sequences(
-    stream: &mut jetstream::stream::Stream,
-) -> Result<std::ops::RangeInclusive<u64>, String> {
+async fn sequences(stream: &mut jetstream::stream::Stream) -> Result<std::ops::Range<u64>, String> {
     let state = &stream.info().await.map_err(|e| e.to_string())?.state;
     if state.messages == 0 {
         return Ok(0..0);
