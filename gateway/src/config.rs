@@ -89,6 +89,11 @@ pub struct Config {
     #[arg(long, env = "TALLY_STARTUP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub startup_timeout: Duration,
 
+    /// Which loop scales functions: `alerts` (AlertManager posts to /system/alert) or
+    /// `off`. (The built-in target autoscaler is not in this build yet.)
+    #[arg(long, env = "TALLY_AUTOSCALER", value_enum, default_value = "alerts")]
+    pub autoscaler: Autoscaler,
+
     #[command(flatten)]
     pub queue: QueueConfig,
 
@@ -168,6 +173,14 @@ impl MeteringConfig {
             .chain(&self.exclude_namespaces)
             .any(|n| n.trim() == namespace)
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Autoscaler {
+    /// AlertManager's webhook scales functions (OpenFaaS's classic loop).
+    Alerts,
+    /// Nothing scales automatically (scale from zero still works).
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,6 +13,7 @@ pub mod provider;
 pub mod proxy;
 pub mod quantity;
 pub mod queue;
+pub mod scaling;
 pub mod types;
 
 use std::future::Future;

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub metering_batch_events: prometheus::Histogram,
     pub metering_delivery_seconds: prometheus::Histogram,
     pub metering_webhook_retries: IntCounter,
+    /// Alerts from AlertManager by what came of them.
+    pub alerts: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -163,6 +165,11 @@ impl Metrics {
             "gateway_metering_webhook_retries_total",
             "Webhook deliveries retried (receiver down or 5xx)",
         );
+        let alerts = counter_vec(
+            "gateway_alerts_total",
+            "AlertManager alerts by result (scaled, unchanged, ignored, failed)",
+            &["result"],
+        );
         for c in [
             Box::new(started.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(completed.clone()),
@@ -183,6 +190,7 @@ impl Metrics {
             Box::new(metering_batch_events.clone()),
             Box::new(metering_delivery_seconds.clone()),
             Box::new(metering_webhook_retries.clone()),
+            Box::new(alerts.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -207,6 +215,7 @@ impl Metrics {
             metering_batch_events,
             metering_delivery_seconds,
             metering_webhook_retries,
+            alerts,
         }
     }
 

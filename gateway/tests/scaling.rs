@@ -192,3 +192,87 @@ async fn update_replaces_replicas_without_a_gap() {
     }
     assert_eq!(gw.describe("ver").await["envVars"]["VERSION"], "v2");
 }
+
+fn alert(status: &str, function: &str) -> serde_json::Value {
+    json!({
+        "receiver": "scale-up", "status": status, "version": "4", "groupLabels": {},
+        "alerts": [{"status": status, "labels": {"alertname": "APIHighInvocationRate", "function_name": function},
+                    "annotations": {}, "startsAt": "2026-11-22T10:00:00Z"}]
+    })
+}
+
+#[tokio::test]
+async fn alertmanager_alerts_scale_up_and_back_to_min() {
+    let gw = TestGateway::start(&[]);
+    let mut f = fork_fn("hot", "echo hot");
+    f["labels"] = json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "10", "com.openfaas.scale.factor": "20"});
+    gw.deploy_ok(f).await;
+    let post = async |body: serde_json::Value| {
+        gw.auth(gw.http.post(gw.url("/system/alert")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    };
+    for expected in [3, 5, 7, 9, 10, 10] {
+        assert_eq!(post(alert("firing", "hot.openfaas-fn")).await.status(), 200);
+        assert_eq!(gw.describe("hot").await["replicas"], expected);
+    }
+    assert_eq!(post(alert("resolved", "hot")).await.status(), 200);
+    assert_eq!(gw.describe("hot").await["replicas"], 1);
+    assert_eq!(
+        post(alert("firing", "nobody-home")).await.status(),
+        200,
+        "unknown functions are ignored"
+    );
+    let bad = gw
+        .auth(gw.http.post(gw.url("/system/alert")))
+        .body("{\"alerts\": 7}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        bad.text().await.unwrap(),
+        "Unable to parse alert, bad format.\n"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "gateway_alerts_total{result=\"scaled\"}"),
+        Some(6.0)
+    );
+    assert_eq!(
+        metric(&m, "gateway_alerts_total{result=\"unchanged\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "gateway_alerts_total{result=\"ignored\"}"),
+        Some(1.0)
+    );
+    // Bad scaling labels refuse the deploy with the label named.
+    let mut bad = fork_fn("bad", "echo");
+    bad["labels"] = json!({"com.openfaas.scale.factor": "150"});
+    let r = gw.deploy(bad).await;
+    assert_eq!(r.status(), 400);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("com.openfaas.scale.factor")
+    );
+
+    let off = TestGateway::start(&["--autoscaler", "off"]);
+    off.deploy_ok(fork_fn("cold", "echo")).await;
+    let r = off
+        .auth(off.http.post(off.url("/system/alert")))
+        .json(&alert("firing", "cold"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        off.describe("cold").await["replicas"],
+        1,
+        "with --autoscaler off alerts do not scale"
+    );
+}

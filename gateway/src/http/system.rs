@@ -117,10 +117,7 @@ pub async fn route(
                 .map_err(unavailable)?;
             Ok(json(StatusCode::OK, &letters))
         }
-        ("alert", &Method::POST) => Err(GatewayError::NotImplemented(
-            "alert-driven scaling arrives with the autoscaler; this build does not have it yet"
-                .into(),
-        )),
+        ("alert", &Method::POST) => alert(gw, req).await,
         ("secrets", _) => Err(GatewayError::NotImplemented(
             "secrets are not supported by the local provider yet".into(),
         )),
@@ -404,6 +401,63 @@ async fn requeue(gw: &Gateway, id: &str) -> Result<Response<Body>, GatewayError>
 
 fn unavailable(e: impl std::fmt::Display) -> GatewayError {
     GatewayError::Unavailable(format!("async call store: {e}"))
+}
+
+/// `POST /system/alert`: AlertManager's webhook, scaling each alert's function.
+async fn alert(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+    use crate::scaling::alerts::{AlertBody, BAD_FORMAT, replicas_for};
+    let bytes = read_limited(
+        req.into_body(),
+        gw.config.max_api_body_bytes,
+        gw.config.read_timeout,
+    )
+    .await?;
+    let body: AlertBody =
+        serde_json::from_slice(&bytes).map_err(|_| GatewayError::BadRequest(BAD_FORMAT.into()))?;
+    let count = |result: &str| gw.metrics.alerts.with_label_values(&[result]).inc();
+    if gw.config.autoscaler != crate::config::Autoscaler::Alerts {
+        body.alerts.iter().for_each(|_| count("ignored"));
+        tracing::info!(autoscaler = ?gw.config.autoscaler, "alerts ignored: alert scaling is not the active autoscaler");
+        return Ok(text(StatusCode::OK, "OK\n"));
+    }
+    for a in &body.alerts {
+        let firing = a.status == "firing";
+        let Some(name) = a.labels.get("function_name") else {
+            count("ignored");
+            continue;
+        };
+        let Ok(function) = FunctionRef::parse_qualified(name, &gw.config.function_namespace) else {
+            count("ignored");
+            continue;
+        };
+        let Ok(status) = gw.provider.get(&function) else {
+            tracing::info!(function = %name, "alert for an unknown function ignored");
+            count("ignored");
+            continue;
+        };
+        let labels = match crate::scaling::labels::ScaleLabels::parse(status.labels.as_ref()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(function = %function, "alert ignored: {e}");
+                count("ignored");
+                continue;
+            }
+        };
+        match replicas_for(firing, status.replicas, &labels) {
+            None => count("unchanged"),
+            Some(n) => match gw.provider.scale(&function, n).await {
+                Ok(()) => {
+                    tracing::info!(function = %function, from = status.replicas, to = n, firing, "scaled by an alert");
+                    count("scaled");
+                }
+                Err(e) => {
+                    tracing::warn!(function = %function, "scaling on an alert failed: {e}");
+                    count("failed");
+                }
+            },
+        }
+    }
+    Ok(text(StatusCode::OK, "OK\n"))
 }
 
 fn info(gw: &Gateway) -> serde_json::Value {

@@ -11,11 +11,6 @@ use crate::config::parse_duration;
 use crate::quantity::{parse_cpu, parse_memory};
 use crate::types::FunctionDeployment;
 
-pub const LABEL_MIN: &str = "com.openfaas.scale.min";
-pub const LABEL_MAX: &str = "com.openfaas.scale.max";
-pub const DEFAULT_MIN: u64 = 1;
-pub const DEFAULT_MAX: u64 = 20;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunMode {
     /// Classic watchdog: one process per request.
@@ -93,13 +88,8 @@ pub fn run_spec(d: &FunctionDeployment, cwd: &Path) -> Result<RunSpec, String> {
             (!t.is_zero()).then_some(t)
         }
     };
-    let min_replicas = label_u64(d, LABEL_MIN, DEFAULT_MIN)?;
-    let max_replicas = label_u64(d, LABEL_MAX, DEFAULT_MAX)?;
-    if min_replicas > max_replicas {
-        return Err(format!(
-            "label {LABEL_MIN} ({min_replicas}) is greater than {LABEL_MAX} ({max_replicas})"
-        ));
-    }
+    let scale = crate::scaling::labels::ScaleLabels::parse(d.labels.as_ref())?;
+    let (min_replicas, max_replicas) = (scale.min, scale.max);
     Ok(RunSpec {
         argv,
         mode,
@@ -124,16 +114,6 @@ fn quantity(
     value
         .map(|v| parse(v).map_err(|e| format!("limits.{what}: {e}")))
         .transpose()
-}
-
-fn label_u64(d: &FunctionDeployment, key: &str, default: u64) -> Result<u64, String> {
-    match d.label(key) {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("label {key} {v:?} must be a whole number")),
-    }
 }
 
 #[cfg(test)]
