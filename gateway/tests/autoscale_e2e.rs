@@ -1,0 +1,121 @@
+//! Alert-driven scaling end to end with a real Prometheus scraping the gateway, the
+//! shipped alert rule, and a real AlertManager posting to `/system/alert`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have(bin: &str) -> bool {
+    std::path::Path::new(bin).exists()
+}
+
+#[tokio::test]
+async fn a_burst_scales_up_through_prometheus_and_alertmanager_and_back_down() {
+    if !have("/usr/bin/prometheus") || !have("/usr/bin/prometheus-alertmanager") {
+        eprintln!(
+            "SKIPPED: prometheus / prometheus-alertmanager not installed (cargo xtask setup installs them)"
+        );
+        return;
+    }
+    let gw = TestGateway::start(&[]);
+    let mut f = http_fn("burst");
+    f["labels"] = json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "5", "com.openfaas.scale.factor": "40"});
+    gw.deploy_ok(f).await;
+    gw.wait_available("burst", 1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (prom_port, am_port) = (free_port(), free_port());
+    let gw_addr = gw.url.trim_start_matches("http://").to_string();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/alert.rules.yml");
+    let prom_cfg = dir.path().join("prometheus.yml");
+    std::fs::write(&prom_cfg, format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{rules:?}]\n\
+         alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n\
+         scrape_configs: [{{job_name: tally, static_configs: [{{targets: ['{gw_addr}']}}]}}]\n",
+        rules = rules.to_str().unwrap()
+    )).unwrap();
+    let am_cfg = dir.path().join("alertmanager.yml");
+    let password = gw.data.path().join("secrets/basic-auth-password");
+    std::fs::write(&am_cfg, format!(
+        "route: {{group_by: [alertname, function_name], group_wait: 1s, group_interval: 1s, repeat_interval: 1h, receiver: gw}}\n\
+         receivers: [{{name: gw, webhook_configs: [{{url: 'http://{gw_addr}/system/alert', send_resolved: true, \
+         http_config: {{basic_auth: {{username: admin, password_file: {password:?}}}}}}}]}}]\n",
+        password = password.to_str().unwrap()
+    )).unwrap();
+    let _am = Killed(
+        Command::new("/usr/bin/prometheus-alertmanager")
+            .arg(format!("--config.file={}", am_cfg.display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("am").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _prom = Killed(
+        Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", prom_cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("prom").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // A burst of ~30 requests/s (bounded: at most 60 s) until the function has scaled up.
+    let started = Instant::now();
+    let mut scaled_to = 1;
+    while started.elapsed() < Duration::from_secs(60) {
+        for _ in 0..3 {
+            assert_eq!(gw.invoke("burst").await.status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let replicas = gw.describe("burst").await["replicas"].as_u64().unwrap();
+        if replicas > 1 {
+            scaled_to = replicas;
+            break;
+        }
+    }
+    assert!(
+        scaled_to >= 3,
+        "the burst scaled it up by ceil(5 × 40 / 100) = 2 at least: {scaled_to}"
+    );
+    eprintln!("scaled up to {scaled_to} after {:?}", started.elapsed());
+    // The burst ends: the alert resolves and the function goes back to min.
+    let ended = Instant::now();
+    loop {
+        if gw.describe("burst").await["replicas"] == 1 {
+            break;
+        }
+        assert!(
+            ended.elapsed() < Duration::from_secs(60),
+            "never scaled back to min"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("back to min {:?} after the burst", ended.elapsed());
+    let m = gw.metrics().await;
+    assert!(metric(&m, "gateway_alerts_total{result=\"scaled\"}").unwrap() >= 2.0);
+}
