@@ -89,10 +89,29 @@ pub struct Config {
     #[arg(long, env = "TALLY_STARTUP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub startup_timeout: Duration,
 
-    /// Which loop scales functions: `alerts` (AlertManager posts to /system/alert) or
-    /// `off`. (The built-in target autoscaler is not in this build yet.)
-    #[arg(long, env = "TALLY_AUTOSCALER", value_enum, default_value = "alerts")]
+    /// Which loop scales functions: `target` (built in, from each function's load),
+    /// `alerts` (AlertManager posts to /system/alert) or `off`. Scale to zero works with
+    /// `target` and `alerts`.
+    #[arg(long, env = "TALLY_AUTOSCALER", value_enum, default_value = "target")]
     pub autoscaler: Autoscaler,
+
+    /// How often the autoscaler looks at every function.
+    #[arg(long, env = "TALLY_AUTOSCALER_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub autoscaler_interval: Duration,
+
+    /// A function scales down only after a whole window of lower recommendations (and no
+    /// change of its count); it scales up at once.
+    #[arg(long, env = "TALLY_SCALE_DOWN_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub scale_down_window: Duration,
+
+    /// Log and count the autoscaler's decisions without scaling.
+    #[arg(long, env = "TALLY_AUTOSCALER_DRY_RUN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub autoscaler_dry_run: bool,
+
+    /// Prometheus to read load from (its HTTP query API); unset or unreachable: the
+    /// gateway's own counters.
+    #[arg(long, env = "prometheus_url")]
+    pub prometheus_url: Option<String>,
 
     #[command(flatten)]
     pub queue: QueueConfig,
@@ -177,6 +196,8 @@ impl MeteringConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Autoscaler {
+    /// The built-in target autoscaler: load per replica against the function's target.
+    Target,
     /// AlertManager's webhook scales functions (OpenFaaS's classic loop).
     Alerts,
     /// Nothing scales automatically (scale from zero still works).

@@ -215,6 +215,7 @@ pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSou
         queue_problem: Mutex::new("connecting to NATS".into()),
     });
     gw.start_metering()?;
+    scaling::autoscaler::start(&gw);
     gw.start_queue();
     Ok((gw, source))
 }

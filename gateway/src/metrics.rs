@@ -31,6 +31,9 @@ pub struct Metrics {
     pub metering_webhook_retries: IntCounter,
     /// Alerts from AlertManager by what came of them.
     pub alerts: IntCounterVec,
+    pub autoscaler_decisions: IntCounterVec,
+    pub target_load: prometheus::GaugeVec,
+    pub autoscaler_fallbacks: IntCounter,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -170,6 +173,23 @@ impl Metrics {
             "AlertManager alerts by result (scaled, unchanged, ignored, failed)",
             &["result"],
         );
+        let autoscaler_decisions = counter_vec(
+            "gateway_autoscaler_decisions_total",
+            "Autoscaler decisions",
+            &["function_name", "direction", "reason"],
+        );
+        let target_load = prometheus::GaugeVec::new(
+            Opts::new(
+                "gateway_service_target_load",
+                "Target load per replica (target × proportion)",
+            ),
+            &["function_name"],
+        )
+        .expect("valid metric");
+        let autoscaler_fallbacks = counter(
+            "gateway_autoscaler_source_fallbacks_total",
+            "Loads read from the gateway's counters because Prometheus could not answer",
+        );
         for c in [
             Box::new(started.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(completed.clone()),
@@ -191,6 +211,9 @@ impl Metrics {
             Box::new(metering_delivery_seconds.clone()),
             Box::new(metering_webhook_retries.clone()),
             Box::new(alerts.clone()),
+            Box::new(autoscaler_decisions.clone()),
+            Box::new(target_load.clone()),
+            Box::new(autoscaler_fallbacks.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -216,6 +239,9 @@ impl Metrics {
             metering_delivery_seconds,
             metering_webhook_retries,
             alerts,
+            autoscaler_decisions,
+            target_load,
+            autoscaler_fallbacks,
         }
     }
 

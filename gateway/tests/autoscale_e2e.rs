@@ -30,7 +30,7 @@ async fn a_burst_scales_up_through_prometheus_and_alertmanager_and_back_down() {
         );
         return;
     }
-    let gw = TestGateway::start(&[]);
+    let gw = TestGateway::start(&["--autoscaler", "alerts"]);
     let mut f = http_fn("burst");
     f["labels"] = json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "5", "com.openfaas.scale.factor": "40"});
     gw.deploy_ok(f).await;

@@ -203,7 +203,7 @@ fn alert(status: &str, function: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn alertmanager_alerts_scale_up_and_back_to_min() {
-    let gw = TestGateway::start(&[]);
+    let gw = TestGateway::start(&["--autoscaler", "alerts"]);
     let mut f = fork_fn("hot", "echo hot");
     f["labels"] = json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "10", "com.openfaas.scale.factor": "20"});
     gw.deploy_ok(f).await;

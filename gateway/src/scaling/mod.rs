@@ -2,4 +2,6 @@
 //! AlertManager path (`POST /system/alert`), OpenFaaS's classic loop.
 
 pub mod alerts;
+pub mod autoscaler;
 pub mod labels;
+pub mod target;

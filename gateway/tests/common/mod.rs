@@ -75,6 +75,8 @@ impl TestGateway {
             .env("upstream_timeout", "8s")
             .env("TALLY_READY_WAIT", "10s")
             .env("TALLY_STARTUP_TIMEOUT", "10s")
+            // Tests that are not about autoscaling must not see replica counts move.
+            .env("TALLY_AUTOSCALER", "off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
