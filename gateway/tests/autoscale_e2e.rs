@@ -30,9 +30,10 @@ async fn a_burst_scales_up_through_prometheus_and_alertmanager_and_back_down() {
         );
         return;
     }
-    let gw = TestGateway::start(&["--autoscaler", "alerts"]);
+    let gw = TestGateway::start(&["--autoscaler", "alerts", "--autoscaler-interval", "500ms"]);
     let mut f = http_fn("burst");
-    f["labels"] = json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "5", "com.openfaas.scale.factor": "40"});
+    f["labels"] = json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "5", "com.openfaas.scale.factor": "40",
+                         "com.openfaas.scale.zero": "true", "com.openfaas.scale.zero-duration": "15s"});
     gw.deploy_ok(f).await;
     gw.wait_available("burst", 1).await;
 
@@ -105,10 +106,7 @@ async fn a_burst_scales_up_through_prometheus_and_alertmanager_and_back_down() {
     eprintln!("scaled up to {scaled_to} after {:?}", started.elapsed());
     // The burst ends: the alert resolves and the function goes back to min.
     let ended = Instant::now();
-    loop {
-        if gw.describe("burst").await["replicas"] == 1 {
-            break;
-        }
+    while gw.describe("burst").await["replicas"] != 1 {
         assert!(
             ended.elapsed() < Duration::from_secs(60),
             "never scaled back to min"
@@ -116,6 +114,21 @@ async fn a_burst_scales_up_through_prometheus_and_alertmanager_and_back_down() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     eprintln!("back to min {:?} after the burst", ended.elapsed());
+    // Labelled for it, the idle function then goes to zero, and a request brings it back.
+    while gw.describe("burst").await["replicas"] != 0 {
+        assert!(
+            ended.elapsed() < Duration::from_secs(90),
+            "never scaled to zero"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("zero {:?} after the burst", ended.elapsed());
+    assert_eq!(
+        gw.invoke("burst").await.status(),
+        200,
+        "the next request brings it back"
+    );
+    assert_eq!(gw.describe("burst").await["replicas"], 1);
     let m = gw.metrics().await;
     assert!(metric(&m, "gateway_alerts_total{result=\"scaled\"}").unwrap() >= 2.0);
 }

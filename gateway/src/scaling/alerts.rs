@@ -32,6 +32,9 @@ pub fn replicas_for(firing: bool, current: u64, labels: &ScaleLabels) -> Option<
     let wanted = if firing {
         let step = (labels.max * labels.factor).div_ceil(100);
         (current + step).min(labels.max)
+    } else if current < labels.min {
+        // Resolved scales down; a function below min (scaled to zero) stays there.
+        return None;
     } else {
         labels.min
     };
@@ -71,6 +74,11 @@ mod tests {
         assert_eq!(replicas_for(false, 9, &l(1, 20, 20)), Some(1));
         assert_eq!(replicas_for(false, 1, &l(1, 20, 20)), None);
         assert_eq!(replicas_for(false, 3, &l(0, 20, 20)), Some(0));
+        assert_eq!(
+            replicas_for(false, 0, &l(1, 20, 20)),
+            None,
+            "a function scaled to zero stays there"
+        );
         // Disabled.
         assert_eq!(replicas_for(true, 2, &l(2, 2, 20)), None);
         assert_eq!(replicas_for(true, 2, &l(1, 20, 0)), None);
