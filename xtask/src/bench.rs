@@ -21,6 +21,9 @@ pub enum Which {
     Agent,
     /// Sync throughput with metering (webhook batches) on vs off.
     Metering,
+    /// The target autoscaler under a step of steady load: time to the desired count and
+    /// changes over two minutes.
+    Autoscale,
 }
 
 #[derive(clap::Args)]
@@ -123,6 +126,7 @@ pub fn run(args: Args) -> Result<()> {
             return crate::bench_agent::run(args.seconds, args.rounds, args.connections);
         }
         Which::Metering => return run_metering(&args),
+        Which::Autoscale => return run_autoscale(),
         Which::Sync => {}
     }
     // The function on its own, started as the gateway would start it.
@@ -526,5 +530,106 @@ fn run_metering(args: &Args) -> Result<()> {
         stage("delivered"),
         stage("dropped")
     );
+    Ok(())
+}
+
+/// A step from idle to ~2,000 requests/s (paced, 8 senders) held for 120 s against a
+/// function with a target of 500 requests/s per replica (× 0.9): desired 5 replicas.
+fn run_autoscale() -> Result<()> {
+    const RPS: u64 = 2000;
+    const SENDERS: u64 = 8;
+    const HOLD: Duration = Duration::from_secs(120);
+    let bench = Bench::start_with(
+        "autoscale",
+        &[
+            "--autoscaler".into(),
+            "target".into(),
+            "--autoscaler-interval".into(),
+            "1s".into(),
+            "--scale-down-window".into(),
+            "30s".into(),
+        ],
+    )?;
+    let agent = agent();
+    let labels = json!({"com.openfaas.scale.min": "1", "com.openfaas.scale.max": "10", "com.openfaas.scale.target": "500", "com.openfaas.scale.target-proportion": "0.9"});
+    deploy(
+        &agent,
+        &bench.url,
+        &bench.auth,
+        json!({"service": "step", "image": "bench/step", "envProcess": "./hello-rust", "envVars": {"mode": "http"}, "labels": labels}),
+    )?;
+    wait_ok(&agent, &format!("{}/function/step", bench.url))?;
+    let desired = RPS.div_ceil(450);
+    let url = format!("{}/function/step", bench.url);
+    let start = Instant::now();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let (url, agent) = (url.clone(), agent.clone());
+            std::thread::spawn(move || {
+                let every = Duration::from_secs_f64(SENDERS as f64 / RPS as f64);
+                let (mut next, mut sent, mut failed) = (Instant::now(), 0u64, 0u64);
+                while start.elapsed() < HOLD {
+                    match agent.get(&url).call() {
+                        Ok(r) if r.status() == 200 => sent += 1,
+                        _ => failed += 1,
+                    }
+                    next += every;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    while start.elapsed() < HOLD {
+        let mut r = agent
+            .get(&format!("{}/system/function/step", bench.url))
+            .header("Authorization", &bench.auth)
+            .call()?;
+        let status: serde_json::Value = r.body_mut().read_json()?;
+        samples.push((
+            start.elapsed().as_secs_f64(),
+            status["replicas"].as_u64().unwrap_or(0),
+        ));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (mut sent, mut failed) = (0, 0);
+    for s in senders {
+        let (a, b) = s.join().map_err(|_| anyhow::anyhow!("a sender panicked"))?;
+        sent += a;
+        failed += b;
+    }
+    let reached = samples.iter().find(|(_, r)| *r >= desired).map(|(t, _)| *t);
+    let after: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| reached.is_some_and(|r| *t > r))
+        .map(|(_, r)| *r)
+        .collect();
+    let changes = after.windows(2).filter(|w| w[0] != w[1]).count();
+    println!(
+        "| target autoscaler, step to ~{RPS} req/s for {}s | value |",
+        HOLD.as_secs()
+    );
+    println!("|---|---|");
+    println!(
+        "| achieved load | {:.0} req/s ({failed} failed) |",
+        sent as f64 / HOLD.as_secs_f64()
+    );
+    println!("| desired replicas (ceil({RPS} / (500 × 0.9))) | {desired} |");
+    match reached {
+        Some(t) => println!("| time from the step to {desired} replicas | {t:.1} s |"),
+        None => println!(
+            "| time from the step to {desired} replicas | not reached in {}s |",
+            HOLD.as_secs()
+        ),
+    }
+    println!(
+        "| replica counts after that (min–max) | {}–{} |",
+        after.iter().min().unwrap_or(&0),
+        after.iter().max().unwrap_or(&0)
+    );
+    println!("| changes of the count during the steady load | {changes} |");
     Ok(())
 }
