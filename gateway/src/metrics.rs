@@ -34,6 +34,7 @@ pub struct Metrics {
     pub autoscaler_decisions: IntCounterVec,
     pub target_load: prometheus::GaugeVec,
     pub autoscaler_fallbacks: IntCounter,
+    pub autoscaler_prometheus_reads: IntCounter,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -190,6 +191,10 @@ impl Metrics {
             "gateway_autoscaler_source_fallbacks_total",
             "Loads read from the gateway's counters because Prometheus could not answer",
         );
+        let autoscaler_prometheus_reads = counter(
+            "gateway_autoscaler_prometheus_reads_total",
+            "Loads read from Prometheus (a value came back)",
+        );
         for c in [
             Box::new(started.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(completed.clone()),
@@ -214,6 +219,7 @@ impl Metrics {
             Box::new(autoscaler_decisions.clone()),
             Box::new(target_load.clone()),
             Box::new(autoscaler_fallbacks.clone()),
+            Box::new(autoscaler_prometheus_reads.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -242,6 +248,7 @@ impl Metrics {
             autoscaler_decisions,
             target_load,
             autoscaler_fallbacks,
+            autoscaler_prometheus_reads,
         }
     }
 

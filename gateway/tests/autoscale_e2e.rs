@@ -132,3 +132,80 @@ async fn a_burst_scales_up_through_prometheus_and_alertmanager_and_back_down() {
     let m = gw.metrics().await;
     assert!(metric(&m, "gateway_alerts_total{result=\"scaled\"}").unwrap() >= 2.0);
 }
+
+#[tokio::test]
+async fn the_target_autoscaler_reads_load_from_prometheus_recording_rules() {
+    if !have("/usr/bin/prometheus") {
+        eprintln!("SKIPPED: prometheus not installed (cargo xtask setup installs it)");
+        return;
+    }
+    let prom_port = free_port();
+    let prom_url = format!("http://127.0.0.1:{prom_port}");
+    let gw = TestGateway::start(&[
+        "--autoscaler",
+        "target",
+        "--autoscaler-interval",
+        "1s",
+        "--prometheus-url",
+        &prom_url,
+    ]);
+    let mut f = http_fn("promload");
+    f["labels"] = json!({"com.openfaas.scale.max": "6", "com.openfaas.scale.target": "5", "com.openfaas.scale.target-proportion": "1"});
+    gw.deploy_ok(f).await;
+    gw.wait_available("promload", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/recording.rules.yml");
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{:?}]\n\
+         scrape_configs: [{{job_name: tally, static_configs: [{{targets: ['{}']}}]}}]\n",
+            rules.to_str().unwrap(),
+            gw.url.trim_start_matches("http://")
+        ),
+    )
+    .unwrap();
+    let _prom = Killed(
+        Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("prom").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // ~20 requests/s (bounded: 60 s at most) until the load has been read from
+    // Prometheus' recorded rate and the function has scaled to 3 or more.
+    let started = Instant::now();
+    loop {
+        for _ in 0..2 {
+            assert_eq!(gw.invoke("promload").await.status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = gw.metrics().await;
+        let reads = metric(&m, "gateway_autoscaler_prometheus_reads_total").unwrap_or(0.0);
+        if reads >= 3.0 && gw.describe("promload").await["replicas"].as_u64().unwrap() >= 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never scaled up with Prometheus' rate"
+        );
+    }
+    eprintln!(
+        "scaled to 3+ with Prometheus' recorded rate after {:?}",
+        started.elapsed()
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "gateway_autoscaler_source_fallbacks_total"),
+        Some(0.0),
+        "Prometheus answered every query"
+    );
+}

@@ -203,7 +203,11 @@ async fn prometheus_or(gw: &Gateway, http: &Client, query: &str, local: f64) -> 
         return local;
     };
     match query_prometheus(http, base, query).await {
-        Ok(Some(v)) => v,
+        Ok(Some(v)) => {
+            gw.metrics.autoscaler_prometheus_reads.inc();
+            v
+        }
+        // No series yet (a new function, or before the first recording): the local count.
         Ok(None) => local,
         Err(e) => {
             gw.metrics.autoscaler_fallbacks.inc();
