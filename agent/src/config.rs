@@ -29,9 +29,24 @@ pub struct Config {
     /// How often replicas are polled, in milliseconds.
     #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value_t = 1000)]
     pub poll_interval_ms: u64,
-    /// Usage events kept while the gateway is unreachable.
+    /// Usage events kept in memory while the gateway is unreachable; more are spooled.
     #[arg(long, env = "TALLY_BUFFER_CAPACITY", default_value_t = 100_000)]
     pub buffer_capacity: usize,
+    /// Directory of the on-disk spool: events beyond the memory buffer while the gateway is
+    /// unreachable, and whatever a stopping agent could not deliver (sent at the next start).
+    #[arg(
+        long,
+        env = "TALLY_SPOOL_DIR",
+        default_value = "/var/lib/tally-agent/spool"
+    )]
+    pub spool_dir: PathBuf,
+    /// Largest size of the spool; when full, its oldest events are dropped (and counted).
+    #[arg(long, env = "TALLY_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
+    pub spool_max_bytes: u64,
+    /// Measure each fork-mode invocation's CPU time (`cpu_ns`) with a `sched_switch`
+    /// program, which runs at every context switch of the node (`--cpu-time false`: off).
+    #[arg(long, env = "TALLY_CPU_TIME", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cpu_time: bool,
     /// Usage events per POST.
     #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
@@ -53,6 +68,19 @@ mod tests {
             Config::try_parse_from(["agent", "--metrics-listen", "127.0.0.1:0"]).expect("parse");
         assert_eq!(c.gateway_url, "http://127.0.0.1:8080");
         assert_eq!(c.metrics_listen.port(), 0);
+        assert_eq!(c.spool_dir, PathBuf::from("/var/lib/tally-agent/spool"));
+        assert!(c.cpu_time);
+        let c = Config::try_parse_from(["agent", "--cpu-time", "false"]).expect("parse");
+        assert!(!c.cpu_time);
+        let c = Config::try_parse_from([
+            "agent",
+            "--spool-dir",
+            "/tmp/s",
+            "--spool-max-bytes",
+            "4096",
+        ])
+        .expect("parse");
+        assert_eq!((c.spool_dir, c.spool_max_bytes), ("/tmp/s".into(), 4096));
         assert!(Config::try_parse_from(["agent", "--metrics-listen", "nope"]).is_err());
     }
 }

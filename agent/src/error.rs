@@ -45,6 +45,8 @@ pub enum Error {
     Workloads(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("usage spool: {0}")]
+    Spool(#[from] crate::forward::SpoolError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -38,6 +38,8 @@ pub struct Joiner {
     children: HashMap<String, Pending>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, ns.
     clock_offset: i128,
+    /// Whether `sched_switch` is attached: without it `cpu_ns` is not measured.
+    cpu_time: bool,
 }
 
 /// Why a record produced no event.
@@ -56,7 +58,14 @@ impl Joiner {
             gone: HashMap::new(),
             children: HashMap::new(),
             clock_offset,
+            cpu_time: true,
         }
+    }
+
+    /// Reports `cpu_ns` only if `on` (the `sched_switch` program is attached).
+    pub fn with_cpu_time(mut self, on: bool) -> Self {
+        self.cpu_time = on;
+        self
     }
 
     /// Makes `cgroup_id` name `info` (a new or changed replica).
@@ -126,7 +135,7 @@ impl Joiner {
             status_code: records::fork_status(r.exit_code),
             memory_peak_bytes: r.peak_rss_bytes.max(child_peak),
             memory_limit_bytes: info.memory_limit_bytes,
-            cpu_ns: (cpu > 0).then_some(cpu),
+            cpu_ns: (self.cpu_time && cpu > 0).then_some(cpu),
             exit_code: Some(r.exit_code),
             source: "kernel".into(),
         })
@@ -219,6 +228,16 @@ mod tests {
             .process(&proc_record(0, "c1", 500, 0))
             .expect("root event");
         assert_eq!((ev.memory_peak_bytes, ev.cpu_ns), (500, None));
+    }
+
+    #[test]
+    fn no_cpu_ns_without_the_switch_program() {
+        let mut j = joiner().with_cpu_time(false);
+        let ev = j
+            .process(&proc_record(0, "c2", 500, 100))
+            .expect("root event");
+        assert_eq!(ev.cpu_ns, None, "a partial slice is not CPU time");
+        assert_eq!(ev.memory_peak_bytes, 500);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 /// The loaded, attached programs and the maps user space works with. Dropping it detaches
 /// every program (aya owns the links).
 pub struct Kernel {
+    /// Whether `sched_switch` (on-CPU time) is attached.
+    pub cpu_time: bool,
     pub ebpf: Ebpf,
     pub logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pub watched: HashMap<MapData, u64, u32>,
@@ -88,8 +90,18 @@ pub fn check_tracepoints(tracefs: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Root check, tracefs, tracepoints, load, attach; the whole start-up of the kernel side.
+/// The program that times on-CPU slices (`cpu_ns`); it runs at every context switch of
+/// the node, so it can be left out (`--cpu-time false`).
+pub const CPU_TIME_PROGRAM: &str = "tally_switch";
+
+/// [`load_with`] with CPU-time tracking on.
 pub fn load() -> Result<Kernel, Error> {
+    load_with(true)
+}
+
+/// Root check, tracefs, tracepoints, load, attach; the whole start-up of the kernel side.
+/// Without `cpu_time`, `sched_switch` is not attached and events carry no `cpu_ns`.
+pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
     let uid = sys::euid();
     if uid != 0 {
         return Err(Error::NotRoot(uid));
@@ -108,6 +120,9 @@ pub fn load() -> Result<Kernel, Error> {
         }
     };
     for &(name, category, tp) in PROGRAMS {
+        if name == CPU_TIME_PROGRAM && !cpu_time {
+            continue;
+        }
         let prog: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or(Error::Program {
@@ -121,7 +136,8 @@ pub fn load() -> Result<Kernel, Error> {
         prog.attach(category, tp)
             .map_err(|source| Error::Program { name, source })?;
     }
-    info!(programs = PROGRAMS.len(), "eBPF programs attached");
+    let attached = PROGRAMS.len() - usize::from(!cpu_time);
+    info!(programs = attached, cpu_time, "eBPF programs attached");
     let watched = HashMap::try_from(take(&mut ebpf, "WATCHED")?)?;
     let cgroup_mem = HashMap::try_from(take(&mut ebpf, "CGROUP_MEM")?)?;
     let process_events = RingBuf::try_from(take(&mut ebpf, "PROCESS_EVENTS")?)?;
@@ -131,6 +147,7 @@ pub fn load() -> Result<Kernel, Error> {
     let procs = HashMap::try_from(take(&mut ebpf, "PROCS")?)?;
     let exited = HashMap::try_from(take(&mut ebpf, "EXITED")?)?;
     Ok(Kernel {
+        cpu_time,
         ebpf,
         logger,
         watched,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use agent::{
     auth::Credentials,
     config::Config,
-    forward::{ForwarderConfig, HttpForwarder},
+    forward::{ForwarderConfig, HttpForwarder, Spool},
     metrics::Metrics,
     run::{RunOptions, run},
     workloads::GatewayWorkloads,
@@ -26,13 +26,19 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let layout = agent::cgroup::detect();
     info!(?layout, "cgroup layout");
-    let kernel = agent::loader::load().context("starting the kernel side")?;
+    let spool = Spool::open(&config.spool_dir, config.spool_max_bytes)
+        .context("opening the usage spool (--spool-dir)")?;
+    info!(dir = %config.spool_dir.display(), events = spool.events(), "usage spool");
+    let kernel = agent::loader::load_with(config.cpu_time).context("starting the kernel side")?;
     let credentials = Credentials::from_dir(&config.secret_mount_path);
     if credentials.is_none() {
         info!(dir = %config.secret_mount_path.display(), "no basic-auth files: calling the gateway without auth");
     }
     let metrics = Arc::new(Metrics::new()?);
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The forwarder stops after the main loop, so the events of its last drain are sent
+    // (or spooled) too.
+    let (forwarder_stop_tx, forwarder_stop_rx) = watch::channel(false);
     let (sink, forwarder) = HttpForwarder::spawn(
         ForwarderConfig {
             gateway_url: config.gateway_url.clone(),
@@ -41,8 +47,9 @@ async fn main() -> anyhow::Result<()> {
             batch_size: config.batch_size,
             linger: std::time::Duration::from_millis(200),
         },
+        Some(spool),
         metrics.clone(),
-        stop_rx.clone(),
+        forwarder_stop_rx,
     );
     let listener = TcpListener::bind(config.metrics_listen)
         .await
@@ -74,7 +81,10 @@ async fn main() -> anyhow::Result<()> {
     }
     info!("shutting down: draining kernel records, flushing usage events");
     let _ = stop_tx.send(true);
-    agent.await??;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), forwarder).await;
+    let stopped = agent.await;
+    let _ = forwarder_stop_tx.send(true);
+    // The forwarder spools what it cannot deliver within its own grace (5 s + one POST).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), forwarder).await;
+    stopped??;
     Ok(())
 }

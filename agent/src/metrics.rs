@@ -21,6 +21,9 @@ pub struct Metrics {
     pub memory_peak: GaugeVec,
     pub events_sent: IntCounter,
     pub events_buffered: IntGauge,
+    pub events_spooled: IntGauge,
+    pub spool_bytes: IntGauge,
+    pub events_spilled: IntCounter,
     pub events_dropped: IntCounterVec,
     pub kernel_drops: IntCounterVec,
     pub unmatched_records: IntCounter,
@@ -52,6 +55,15 @@ impl Metrics {
         let events_buffered = IntGauge::new(
             "tally_agent_events_buffered",
             "Usage events waiting for the gateway",
+        )?;
+        let events_spooled = IntGauge::new(
+            "tally_agent_events_spooled",
+            "Usage events waiting for the gateway in the on-disk spool",
+        )?;
+        let spool_bytes = IntGauge::new("tally_agent_spool_bytes", "Bytes in the on-disk spool")?;
+        let events_spilled = IntCounter::new(
+            "tally_agent_events_spilled_total",
+            "Usage events moved from memory to the on-disk spool",
         )?;
         let events_dropped = IntCounterVec::new(
             Opts::new(
@@ -86,6 +98,9 @@ impl Metrics {
         registry.register(Box::new(memory_peak.clone()))?;
         registry.register(Box::new(events_sent.clone()))?;
         registry.register(Box::new(events_buffered.clone()))?;
+        registry.register(Box::new(events_spooled.clone()))?;
+        registry.register(Box::new(spool_bytes.clone()))?;
+        registry.register(Box::new(events_spilled.clone()))?;
         registry.register(Box::new(events_dropped.clone()))?;
         registry.register(Box::new(kernel_drops.clone()))?;
         registry.register(Box::new(unmatched_records.clone()))?;
@@ -97,6 +112,9 @@ impl Metrics {
             memory_peak,
             events_sent,
             events_buffered,
+            events_spooled,
+            spool_bytes,
+            events_spilled,
             events_dropped,
             kernel_drops,
             unmatched_records,

@@ -51,6 +51,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let Kernel {
+        cpu_time,
         ebpf,
         logger,
         mut watched,
@@ -72,7 +73,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
         Some(l) => Some(sys::readable(l)?),
         None => None,
     };
-    let mut joiner = Joiner::new(sys::realtime_offset_ns());
+    let mut joiner = Joiner::new(sys::realtime_offset_ns()).with_cpu_time(cpu_time);
     let mut current: HashMap<u64, Mode> = HashMap::new();
     let mut poll = tokio::time::interval(options.poll_interval);
     let mut stats_tick = tokio::time::interval(options.stats_interval);

@@ -94,3 +94,35 @@ async fn fork_duration_memory_exit_code_and_call_id() {
     }
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cpu_time_no_switch_program_and_no_cpu_ns() {
+    if !can_run("without_cpu_time_no_switch_program_and_no_cpu_ns") {
+        return;
+    }
+    let _serial = common::serial().await;
+    let probe = fixture_c("fork_probe");
+    let cg = TestCgroup::new(None);
+    let mut agent = TestAgent::start_with(vec![cg.replica(Mode::Fork)], false).await;
+    let out = cg
+        .command(&probe, &["1".into(), "20".into(), "0".into()])
+        .env("Http_X_Call_Id", "no-cpu")
+        .output()
+        .expect("run probe");
+    assert!(out.status.success());
+    let ev = agent.next_event(Duration::from_secs(5)).await;
+    assert_eq!(ev.call_id.as_deref(), Some("no-cpu"));
+    assert!(ev.duration_ns >= 20_000_000, "still metered: {ev:?}");
+    assert_eq!(ev.cpu_ns, None, "no sched_switch, no cpu_ns");
+    tokio::time::sleep(Duration::from_millis(700)).await; // one bpf_stats refresh
+    let text = agent.metrics.render();
+    assert!(
+        text.contains("tally_agent_bpf_run_time_seconds{program=\"tally_exec\"}"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("program=\"tally_switch\""),
+        "sched_switch is not attached, so it has no stats: {text}"
+    );
+    agent.stop().await;
+}

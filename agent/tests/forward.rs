@@ -1,6 +1,8 @@
 //! The forwarder against a tiny receiver standing in for the gateway's `/system/usage`:
-//! basic auth, JSON-array batches, an outage (refused, then 503s) that loses nothing, and a
-//! full buffer that drops and counts. Needs no root.
+//! basic auth, JSON-array batches, an outage (refused, then 503s) that loses nothing, a
+//! full buffer that drops and counts without a spool, spilling to the spool and sending it
+//! in order (also after a restart), and a full spool that drops its oldest and counts them.
+//! Needs no root.
 
 use std::{
     net::SocketAddr,
@@ -14,7 +16,7 @@ use std::{
 use agent::{
     auth::Credentials,
     event::UsageEvent,
-    forward::{EventSink as _, ForwarderConfig, HttpForwarder},
+    forward::{EventSink as _, ForwarderConfig, HttpForwarder, Spool},
     metrics::Metrics,
 };
 use http_body_util::{BodyExt as _, Full};
@@ -123,6 +125,19 @@ fn start(
     watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 ) {
+    start_spooled(addr, capacity, None, metrics)
+}
+
+fn start_spooled(
+    addr: SocketAddr,
+    capacity: usize,
+    spool: Option<Spool>,
+    metrics: Arc<Metrics>,
+) -> (
+    HttpForwarder,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let (stop, stop_rx) = watch::channel(false);
     let config = ForwarderConfig {
         gateway_url: format!("http://{addr}"),
@@ -131,7 +146,7 @@ fn start(
         batch_size: 50,
         linger: Duration::from_millis(20),
     };
-    let (sink, task) = HttpForwarder::spawn(config, metrics, stop_rx);
+    let (sink, task) = HttpForwarder::spawn(config, spool, metrics, stop_rx);
     (sink, stop, task)
 }
 
@@ -254,6 +269,170 @@ async fn refused_credentials_drop_the_batch() {
             .get(),
         1
     );
+    let _ = stop.send(true);
+    task.await.expect("forwarder task");
+}
+
+/// A spool directory under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("tally-fwd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Self(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dropped(metrics: &Metrics) -> u64 {
+    [
+        "buffer_full",
+        "spool_full",
+        "spool_error",
+        "spool_corrupt",
+        "shutdown",
+        "rejected",
+    ]
+    .iter()
+    .map(|r| metrics.events_dropped.with_label_values(&[r]).get())
+    .sum()
+}
+
+async fn wait_for(got: &Received, n: usize) {
+    for _ in 0..400 {
+        if got.events.lock().expect("lock").len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Anything beyond n (a duplicate) would arrive right behind.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+fn received_ids(got: &Received) -> Vec<String> {
+    got.events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter_map(|e| e.call_id.clone())
+        .collect()
+}
+
+fn call_ids(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("call-{i}")).collect()
+}
+
+#[tokio::test]
+async fn outage_spills_to_disk_and_a_restart_sends_everything_in_order() {
+    let addr = free_port().await;
+    let dir = TempDir::new("restart");
+    // First run: the gateway is down; 60 events fit in memory, the oldest beyond that are
+    // spilled a batch (50) at a time.
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let spool = Spool::open(&dir.0, 1 << 20).expect("open spool");
+    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
+    for i in 0..300 {
+        sink.submit(event(i));
+    }
+    assert_eq!(metrics.events_buffered.get(), 50, "memory stays bounded");
+    assert_eq!(metrics.events_spooled.get(), 250);
+    assert_eq!(metrics.events_spilled.get(), 250);
+    assert!(metrics.spool_bytes.get() > 250 * 100);
+    assert!(
+        Spool::open(&dir.0, 1 << 20).is_err(),
+        "a second agent may not share the spool"
+    );
+    // Stopping with the gateway still away: memory (and the batch in flight) go to disk.
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the forwarder stops within its grace")
+        .expect("forwarder task");
+    assert_eq!(metrics.events_spooled.get(), 300);
+    assert_eq!(metrics.events_buffered.get(), 0);
+    assert_eq!(metrics.events_sent.get(), 0);
+    assert_eq!(dropped(&metrics), 0);
+    drop(sink); // the last handle on the spool: its lock goes with it, as at process exit
+
+    // Second run, the gateway back: the spool goes first, then what arrives meanwhile.
+    let got = Arc::new(Received::default());
+    got.fail_first.store(1, Ordering::SeqCst);
+    tokio::spawn(receiver(
+        TcpListener::bind(addr).await.expect("rebind"),
+        got.clone(),
+        creds().header_value(),
+    ));
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let spool = Spool::open(&dir.0, 1 << 20).expect("reopen spool");
+    assert_eq!(spool.events(), 300);
+    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
+    for i in 300..320 {
+        sink.submit(event(i));
+    }
+    wait_for(&got, 320).await;
+    assert_eq!(
+        received_ids(&got),
+        call_ids(0..320),
+        "each exactly once, in order"
+    );
+    assert_eq!(metrics.events_sent.get(), 320);
+    assert_eq!(metrics.events_spooled.get(), 0);
+    let _ = stop.send(true);
+    task.await.expect("forwarder task");
+    assert_eq!(metrics.events_buffered.get(), 0);
+    assert_eq!(metrics.events_spooled.get(), 0);
+    assert_eq!(metrics.spool_bytes.get(), 0);
+    assert_eq!(dropped(&metrics), 0);
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .expect("spool dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(left.is_empty(), "delivered segments are removed: {left:?}");
+}
+
+#[tokio::test]
+async fn full_spool_drops_its_oldest_and_counts_them() {
+    let addr = free_port().await;
+    let dir = TempDir::new("full");
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let one = serde_json::to_vec(&event(100)).expect("json").len() as u64 + 1;
+    // Room for 4 segments of 50 events (the batch size) on disk, 60 events in memory.
+    let spool = Spool::open(&dir.0, one * 200 + 100).expect("open spool");
+    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
+    for i in 100..460 {
+        sink.submit(event(i));
+    }
+    // 300 spilled in 6 segments: the 2 oldest were dropped for room.
+    assert_eq!(metrics.events_spilled.get(), 300);
+    assert_eq!(
+        metrics
+            .events_dropped
+            .with_label_values(&["spool_full"])
+            .get(),
+        100
+    );
+    assert_eq!(metrics.events_spooled.get(), 200);
+    let got = Arc::new(Received::default());
+    tokio::spawn(receiver(
+        TcpListener::bind(addr).await.expect("bind"),
+        got.clone(),
+        creds().header_value(),
+    ));
+    wait_for(&got, 260).await;
+    assert_eq!(
+        received_ids(&got),
+        call_ids(200..460),
+        "the newest survive, in order"
+    );
+    assert_eq!(metrics.events_sent.get(), 260);
     let _ = stop.send(true);
     task.await.expect("forwarder task");
 }

@@ -1,5 +1,8 @@
 //! Fixtures for the end-to-end tests in `tests/tests/`: running the project's own
-//! commands (`cargo xtask ...`) from the workspace root and reading what they print.
+//! commands (`cargo xtask ...`) from the workspace root and reading what they print, and
+//! (`stack`) a real gateway and node agent as processes.
+
+pub mod stack;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,8 +1,447 @@
 //! `cargo xtask bench agent`: gateway throughput with the node agent attached vs
 //! detached in the same run, and the programs' kernel time per invocation.
+//!
+//! One release gateway with `hello-rust` deployed in http mode; wrk through
+//! `/function/tiny`. Three arms — no agent, the agent, the agent with `--cpu-time false`
+//! (no `sched_switch` program) — run in an order rotated every round, so drift of a busy
+//! machine falls on each; medians are reported. Kernel time comes from the agent's
+//! `/metrics` (the kernel's `bpf_stats`, refreshed every 5 s): the growth of the programs'
+//! summed run time over an attached run, divided by the requests wrk completed. The
+//! programs run on every traced syscall of the node and return at once for unwatched
+//! cgroups, so this is the whole in-kernel cost, not only the function's share.
 
-use anyhow::{Result, bail};
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-pub fn run(_seconds: u32, _rounds: usize, _connections: u32) -> Result<()> {
-    bail!("bench agent: not written yet")
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+
+use crate::{basic_auth, root, run_cmd};
+
+/// bpf_stats reach the agent's /metrics every 5 s: wait longer than that around a run.
+const STATS_REFRESH: Duration = Duration::from_millis(5_300);
+
+pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench agent: needs root (the agent loads eBPF programs); run it as root");
+    }
+    run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "gateway",
+        "-p",
+        "hello-rust",
+        "-p",
+        "agent",
+    ]))?;
+    let bin = root().join("target/release");
+    let data = std::env::temp_dir().join(format!("tally-bench-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(data.join("functions"))?;
+    set_mode(&data, 0o755)?;
+    let _cleanup = RemoveDir(data.clone());
+    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+    let cgroup_parent = format!("tally-bench-agent-{}", std::process::id());
+    // Declared before the gateway, so dropped after it: the gateway stops first.
+    let _cgroups = RemoveCgroups(cgroup_parent.clone());
+    let (gateway, url, auth) = start_gateway(&bin, &data, &cgroup_parent)?;
+    let _gateway = Guard(gateway);
+    let http = client();
+    let r = http
+        .post(&format!("{url}/system/functions"))
+        .header("Authorization", &auth)
+        .send_json(json!({"service": "tiny", "image": "bench/tiny",
+            "envProcess": "./hello-rust", "envVars": {"mode": "http"}}))?;
+    if r.status() != 202 {
+        bail!("deploying tiny: {}", r.status());
+    }
+    let target = format!("{url}/function/tiny");
+    wait_ok(&http, &target)?;
+    // Warm up the gateway's pool and the function.
+    wrk(&target, 2, connections)?;
+
+    // Arm 0: no agent; 1: the agent; 2: the agent without `sched_switch` (--cpu-time false).
+    const ARMS: [(&str, Option<&str>); 3] = [
+        ("agent detached", None),
+        ("agent attached", Some("true")),
+        ("agent attached, `--cpu-time false`", Some("false")),
+    ];
+    let mut runs: [Vec<Wrk>; 3] = Default::default();
+    let mut kernel: [Vec<KernelCost>; 3] = Default::default();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        // Rotate the order each round, so a machine that drifts weighs on every arm.
+        for k in 0..ARMS.len() {
+            let arm = (round + k) % ARMS.len();
+            let Some(cpu_time) = ARMS[arm].1 else {
+                runs[arm].push(wrk(&target, seconds, connections)?);
+                continue;
+            };
+            let agent = Agent::start(&bin, &url, &data, &["--cpu-time", cpu_time])?;
+            std::thread::sleep(STATS_REFRESH);
+            let before = agent.bpf()?;
+            let w = wrk(&target, seconds, connections)?;
+            std::thread::sleep(STATS_REFRESH);
+            let after = agent.bpf()?;
+            let dropped = agent.metric("tally_agent_events_dropped_total")?;
+            drop(agent);
+            if dropped > 0.0 {
+                bail!("the agent dropped {dropped} usage events during the run");
+            }
+            kernel[arm].push(KernelCost::between(&before, &after, w.requests));
+            runs[arm].push(w);
+        }
+    }
+
+    println!(
+        "| hello-rust through the gateway (wrk, {connections} connections, {seconds} s, median of {rounds}) | requests/s | p50 ms | p99 ms | vs detached | eBPF time per invocation | eBPF runs per invocation |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let base = median(&runs[0]).rps;
+    for (arm, (name, _)) in ARMS.iter().enumerate() {
+        let m = median(&runs[arm]);
+        let (cost, count) = if kernel[arm].is_empty() {
+            ("–".to_string(), "–".to_string())
+        } else {
+            let mut ns: Vec<f64> = kernel[arm].iter().map(|k| k.ns_per_invocation).collect();
+            let mut n: Vec<f64> = kernel[arm].iter().map(|k| k.runs_per_invocation).collect();
+            ns.sort_by(f64::total_cmp);
+            n.sort_by(f64::total_cmp);
+            (
+                format!("{:.1} µs", percentile(&ns, 0.5) / 1000.0),
+                format!("{:.1}", percentile(&n, 0.5)),
+            )
+        };
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.1}% | {cost} | {count} |",
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            100.0 * m.rps / base
+        );
+    }
+    println!();
+    for (arm, (name, _)) in ARMS.iter().enumerate() {
+        println!(
+            "{name}, requests/s by round: {:?}",
+            runs[arm].iter().map(|w| w.rps.round()).collect::<Vec<_>>()
+        );
+    }
+    println!();
+    if let Some(k) = kernel[1].last() {
+        println!("| dearest programs (agent attached, last round) | µs per invocation |");
+        println!("|---|---|");
+        for (name, ns) in k.top.iter().take(6) {
+            println!("| `{name}` | {:.2} |", ns / 1000.0);
+        }
+    }
+    println!();
+    println!("target: attached ≥ 97% of detached");
+    Ok(())
+}
+
+struct Wrk {
+    rps: f64,
+    requests: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Program run time (s) and run count per program, from the agent's /metrics.
+type Bpf = Vec<(String, f64, f64)>;
+
+struct KernelCost {
+    ns_per_invocation: f64,
+    runs_per_invocation: f64,
+    /// Programs by their time per invocation, dearest first.
+    top: Vec<(String, f64)>,
+}
+
+impl KernelCost {
+    fn between(before: &Bpf, after: &Bpf, requests: u64) -> Self {
+        let n = requests.max(1) as f64;
+        let mut top = Vec::new();
+        let (mut time, mut runs) = (0.0, 0.0);
+        for (name, t1, c1) in after {
+            let (t0, c0) = before
+                .iter()
+                .find(|(b, ..)| b == name)
+                .map_or((0.0, 0.0), |(_, t, c)| (*t, *c));
+            time += t1 - t0;
+            runs += c1 - c0;
+            top.push((name.clone(), (t1 - t0) * 1e9 / n));
+        }
+        top.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Self {
+            ns_per_invocation: time * 1e9 / n,
+            runs_per_invocation: runs / n,
+            top,
+        }
+    }
+}
+
+/// The release agent beside the gateway, with its own spool and /metrics port; SIGTERM
+/// and wait on drop (its programs detach when it exits).
+struct Agent {
+    child: Guard,
+    metrics: String,
+    spool: PathBuf,
+}
+
+impl Agent {
+    fn start(bin: &Path, url: &str, data: &Path, extra: &[&str]) -> Result<Self> {
+        let port = free_port()?;
+        let spool = data.join(format!("spool-{port}"));
+        let child = Command::new(bin.join("agent"))
+            .args(["--gateway-url", url])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .arg("--secret-mount-path")
+            .arg(data.join("secrets"))
+            .arg("--spool-dir")
+            .arg(&spool)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .context("starting the agent")?;
+        let agent = Self {
+            child: Guard(child),
+            metrics: format!("http://127.0.0.1:{port}/metrics"),
+            spool,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while agent.text().is_err() {
+            if Instant::now() > deadline {
+                bail!("the agent did not serve /metrics within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(agent)
+    }
+
+    fn text(&self) -> Result<String> {
+        Ok(ureq::get(&self.metrics)
+            .call()?
+            .body_mut()
+            .read_to_string()?)
+    }
+
+    fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.text()?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    fn bpf(&self) -> Result<Bpf> {
+        let text = self.text()?;
+        let mut out: Bpf = Vec::new();
+        for (prefix, is_time) in [
+            ("tally_agent_bpf_run_time_seconds{program=\"", true),
+            ("tally_agent_bpf_run_count{program=\"", false),
+        ] {
+            for l in text.lines() {
+                let Some(rest) = l.strip_prefix(prefix) else {
+                    continue;
+                };
+                let Some((name, value)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let value: f64 = value.trim().parse()?;
+                match out.iter_mut().find(|(n, ..)| n == name) {
+                    Some(e) if is_time => e.1 = value,
+                    Some(e) => e.2 = value,
+                    None if is_time => out.push((name.into(), value, 0.0)),
+                    None => out.push((name.into(), 0.0, value)),
+                }
+            }
+        }
+        if out.is_empty() {
+            bail!("the agent's /metrics has no bpf_stats yet");
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.0.wait();
+        let _ = std::fs::remove_dir_all(&self.spool);
+    }
+}
+
+/// Kills the child on drop, so a failed benchmark leaves nothing running.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = self.0.wait();
+    }
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// Removes the cgroup directories the gateway leaves when it does not stop cleanly.
+struct RemoveCgroups(String);
+
+impl Drop for RemoveCgroups {
+    fn drop(&mut self) {
+        for root in [
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/cpu",
+        ] {
+            let dir = Path::new(root).join(&self.0);
+            if dir.is_dir() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+fn start_gateway(bin: &Path, data: &Path, cgroup_parent: &str) -> Result<(Child, String, String)> {
+    let mut child = Command::new(bin.join("gateway"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cgroup-parent",
+            cgroup_parent,
+            "--data-dir",
+        ])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let url = lines
+        .next()
+        .context("gateway exited")??
+        .strip_prefix("tally gateway listening on ")
+        .context("unexpected gateway output")?
+        .to_string();
+    std::thread::spawn(move || lines.for_each(drop));
+    let password = std::fs::read_to_string(data.join("secrets/basic-auth-password"))?;
+    Ok((child, url, basic_auth("admin", password.trim())))
+}
+
+fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn wait_ok(http: &ureq::Agent, url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if http.get(url).call().is_ok_and(|r| r.status() == 200) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{url} never answered 200")
+}
+
+fn wrk(url: &str, seconds: u32, connections: u32) -> Result<Wrk> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
+        bail!("wrk on {url} failed or saw errors:\n{text}");
+    }
+    let field = |prefix: &str| -> Option<&str> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(str::trim)
+    };
+    // "  123456 requests in 8.00s, 12.34MB read"
+    let requests: u64 = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .context("no request count")?;
+    Ok(Wrk {
+        rps: field("Requests/sec:").context("no Requests/sec")?.parse()?,
+        requests,
+        p50_ms: ms(field("50%").context("no p50")?)?,
+        p99_ms: ms(field("99%").context("no p99")?)?,
+    })
+}
+
+/// wrk's latency with its unit (`812.00us`, `1.20ms`, `2.01s`) in milliseconds.
+fn ms(v: &str) -> Result<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        bail!("unknown latency {v:?}")
+    };
+    Ok(num.parse::<f64>()? * scale)
+}
+
+fn median(runs: &[Wrk]) -> Wrk {
+    let med = |f: fn(&Wrk) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    Wrk {
+        rps: med(|w| w.rps),
+        requests: med(|w| w.requests as f64) as u64,
+        p50_ms: med(|w| w.p50_ms),
+        p99_ms: med(|w| w.p99_ms),
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -1,11 +1,13 @@
 //! Where usage events go: the `EventSink` trait, a channel sink (tests, embedding) and the
-//! HTTP forwarder that batches them to the gateway's ingest API.
+//! HTTP forwarder that batches them to the gateway's ingest API, spooling to disk meanwhile.
 
 mod http;
 mod retry;
+mod spool;
 
 pub use http::{ForwarderConfig, HttpForwarder};
 pub use retry::{Retry, decide};
+pub use spool::{Evicted, Spool, SpoolError};
 
 use tokio::sync::mpsc;
 

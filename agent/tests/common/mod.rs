@@ -272,7 +272,12 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub async fn start(replicas: Vec<Replica>) -> Self {
-        let kernel = agent::loader::load().expect("load and attach the eBPF programs");
+        Self::start_with(replicas, true).await
+    }
+
+    /// [`start`](Self::start), with or without the CPU-time (`sched_switch`) program.
+    pub async fn start_with(replicas: Vec<Replica>, cpu_time: bool) -> Self {
+        let kernel = agent::loader::load_with(cpu_time).expect("load and attach the eBPF programs");
         let workloads = FixedWorkloads::new(replicas);
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let (tx, events) = mpsc::unbounded_channel();
