@@ -385,6 +385,24 @@ async fn kernel_events_replace_the_gateways_and_never_both() {
         ),
         Some(1.0)
     );
+    // The agent re-sends a batch it thought lost: the call is not billed twice.
+    let again = json!([kernel("with-kernel", 1_234_567)]);
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/usage")))
+        .json(&again)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(hook.events().len(), 2);
+    assert_eq!(
+        metric(
+            &gw.metrics().await,
+            "gateway_metering_events_total{stage=\"kernel_duplicate\"}"
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]

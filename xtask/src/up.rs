@@ -154,6 +154,9 @@ fn start_agent(args: &Args, url: &str, secrets: &Path) -> Result<Option<std::pro
             "--secret-mount-path",
         ])
         .arg(secrets)
+        // Its spool beside the gateway's data: two stacks never share one.
+        .arg("--spool-dir")
+        .arg(secrets.parent().unwrap_or(secrets).join("agent-spool"))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -32,6 +32,10 @@ struct Pending {
     /// Call ids settled from the gateway's side only, oldest first (bounded).
     settled: HashSet<String>,
     settled_order: VecDeque<String>,
+    /// Kernel events already metered (call id and start), oldest first (bounded): an agent
+    /// that re-sends a batch it thought lost must not bill a call twice.
+    kernel_seen: HashSet<(Option<String>, String)>,
+    kernel_order: VecDeque<(Option<String>, String)>,
 }
 
 pub struct Meter {
@@ -124,6 +128,23 @@ impl Meter {
     pub fn kernel(&self, gw: &Gateway, k: UsageEvent) {
         if self.config.excluded(&k.namespace) {
             return;
+        }
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (k.call_id.clone(), k.started.clone());
+            if !p.kernel_seen.insert(key.clone()) {
+                gw.metrics
+                    .metering
+                    .with_label_values(&["kernel_duplicate"])
+                    .inc();
+                return;
+            }
+            p.kernel_order.push_back(key);
+            if p.kernel_order.len() > SETTLED_MEMORY
+                && let Some(old) = p.kernel_order.pop_front()
+            {
+                p.kernel_seen.remove(&old);
+            }
         }
         let held = k.call_id.as_ref().and_then(|id| {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
