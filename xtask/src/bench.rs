@@ -62,8 +62,9 @@ struct Bench {
 }
 
 impl Bench {
+    /// With the autoscaler off: these benchmarks measure one replica's path, not scaling.
     fn start(name: &str) -> Result<Self> {
-        Self::start_with(name, &[])
+        Self::start_with(name, &["--autoscaler".into(), "off".into()])
     }
 
     fn start_with(name: &str, gateway_args: &[String]) -> Result<Self> {
@@ -480,6 +481,8 @@ fn run_metering(args: &Args) -> Result<()> {
             format!("http://127.0.0.1:{}/usage", off.function_port),
             "--webhook-secret-file".into(),
             secret.display().to_string(),
+            "--autoscaler".into(),
+            "off".into(),
         ],
     )?;
     let agent = agent();
