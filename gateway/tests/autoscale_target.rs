@@ -77,11 +77,13 @@ async fn a_step_of_load_scales_up_steadily_then_down_after_the_window() {
         .filter(|(t, _)| *t > reached)
         .map(|(_, r)| *r)
         .collect();
+    // Steady: at most one correction (of the first, ramping estimate), within 4..=5.
+    let changes = after.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(changes <= 1, "no oscillation under steady load: {after:?}");
     assert!(
-        after.windows(2).all(|w| w[1] >= w[0]),
-        "no scale-down under steady load: {after:?}"
+        after.iter().all(|r| (4..=5).contains(r)),
+        "no overshoot: {after:?}"
     );
-    assert!(after.iter().all(|r| *r <= 5), "no overshoot: {after:?}");
     // The load stops: back to min once a whole window has passed.
     let ended = Instant::now();
     while gw.describe("step").await["replicas"] != 1 {

@@ -7,16 +7,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::labels::{ScaleLabels, ScaleType};
-use super::target::{Reason, Smoother, desired, should_zero};
+use super::target::{Reason, Smoother, recommend, should_zero};
 use crate::Gateway;
 use crate::config::Autoscaler;
 use crate::names::{FunctionName, FunctionRef, Namespace};
+
+/// The window the gateway's own request rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// What the loop remembers of one function between ticks.
 struct FnState {
     smoother: Smoother,
     started: u64,
-    sampled_at: Instant,
+    /// (time, invocations started) over the last [`RATE_WINDOW`]: the local rps is the
+    /// rate across it, steadier than one interval's count (like Prometheus' rate[30s]).
+    samples: std::collections::VecDeque<(Instant, u64)>,
     last_activity: Instant,
 }
 
@@ -86,19 +91,28 @@ async fn once(gw: &Arc<Gateway>, states: &mut HashMap<String, FnState>, http: &C
             let state = states.entry(label.clone()).or_insert_with(|| FnState {
                 smoother: Smoother::default(),
                 started,
-                sampled_at: now,
+                samples: std::collections::VecDeque::from([(now, started)]),
                 last_activity: now,
             });
             if started != state.started || inflight > 0 || queued > 0 {
                 state.last_activity = now;
             }
-            let elapsed = now
-                .duration_since(state.sampled_at)
-                .as_secs_f64()
-                .max(0.001);
-            let local_rps = started.saturating_sub(state.started) as f64 / elapsed;
             state.started = started;
-            state.sampled_at = now;
+            state.samples.push_back((now, started));
+            while state.samples.len() > 2
+                && state
+                    .samples
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+            {
+                state.samples.pop_front();
+            }
+            let local_rps = match state.samples.front() {
+                Some((t, count)) if *t < now => {
+                    started.saturating_sub(*count) as f64 / now.duration_since(*t).as_secs_f64()
+                }
+                _ => 0.0,
+            };
             let current = status.replicas;
             if current == 0 {
                 // Bringing a function back from zero is scale from zero's job.
@@ -159,7 +173,7 @@ async fn once(gw: &Arc<Gateway>, states: &mut HashMap<String, FnState>, http: &C
                 }
                 ScaleType::Cpu => gw.provider.usage(&f).await.map_or(0.0, |u| u.cpu),
             };
-            let recommended = desired(load, &labels);
+            let recommended = recommend(load, current, &labels);
             let next = state
                 .smoother
                 .next(now, current, recommended, gw.config.scale_down_window);

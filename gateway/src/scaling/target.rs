@@ -18,6 +18,23 @@ pub fn desired(total_load: f64, labels: &ScaleLabels) -> u64 {
     raw.clamp(labels.min, labels.max)
 }
 
+/// Within this fraction of the current replicas' capacity the count stays (as
+/// Kubernetes' HPA tolerance): a load sitting near a boundary does not flap it.
+pub const TOLERANCE: f64 = 0.1;
+
+/// [`desired`], unless the load is within [`TOLERANCE`] of what `current` replicas serve.
+pub fn recommend(total_load: f64, current: u64, labels: &ScaleLabels) -> u64 {
+    let capacity = current as f64 * labels.target * labels.proportion;
+    if current >= labels.min
+        && current <= labels.max
+        && capacity > 0.0
+        && (total_load / capacity - 1.0).abs() <= TOLERANCE
+    {
+        return current;
+    }
+    desired(total_load, labels)
+}
+
 /// Why a count was chosen, for the decision's log line and metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -114,6 +131,25 @@ mod tests {
             assert_eq!(desired(load, &l), want, "load {load}");
         }
         assert_eq!(desired(0.0, &labels(0, 10, 50.0)), 0);
+    }
+
+    #[test]
+    fn a_load_near_a_boundary_does_not_move_the_count() {
+        let l = labels(1, 10, 150.0); // 135 per replica
+        assert_eq!(recommend(800.0, 6, &l), 6, "800 / 810 is within 10%");
+        assert_eq!(recommend(830.0, 6, &l), 6);
+        assert_eq!(recommend(900.0, 6, &l), 7, "11% over: up");
+        assert_eq!(
+            recommend(700.0, 6, &l),
+            6,
+            "within 10% below: stays (the window smooths the rest)"
+        );
+        assert_eq!(recommend(500.0, 6, &l), 4);
+        assert_eq!(
+            recommend(800.0, 1, &l),
+            6,
+            "far from the current count: the formula"
+        );
     }
 
     #[test]
