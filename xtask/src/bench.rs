@@ -3,7 +3,6 @@
 //! `cargo xtask bench async`: async calls accepted/s and completed/s with callbacks on.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
+use crate::wrk;
 use crate::{basic_auth, root, run_cmd};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -45,12 +45,6 @@ pub struct Args {
     cold_starts: usize,
 }
 
-struct Wrk {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
 /// A release gateway (embedded NATS) with its own data directory, plus a standalone
 /// hello-rust on `function_port`; everything stops and is removed on drop.
 struct Bench {
@@ -82,7 +76,7 @@ impl Bench {
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(data.join("functions"))?;
         std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
-        let function_port = free_port()?;
+        let function_port = wrk::free_port()?;
         let function = Guard(
             Command::new(bin.join("hello-rust"))
                 .env("PORT", function_port.to_string())
@@ -146,22 +140,30 @@ pub fn run(args: Args) -> Result<()> {
         &auth,
         json!({"service": "fork", "image": "bench/fork", "envProcess": "echo hi"}),
     )?;
-    wait_ok(&agent, &format!("{url}/function/tiny"))?;
-    wait_ok(&agent, &format!("http://127.0.0.1:{port}/"))?;
+    wrk::wait_ok(&agent, &format!("{url}/function/tiny"))?;
+    wrk::wait_ok(&agent, &format!("http://127.0.0.1:{port}/"))?;
 
     let mut direct = Vec::new();
     let mut through = Vec::new();
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        direct.push(wrk(&format!("http://127.0.0.1:{port}/"), &args)?);
-        through.push(wrk(&format!("{url}/function/tiny"), &args)?);
+        direct.push(wrk::run(
+            &format!("http://127.0.0.1:{port}/"),
+            args.seconds,
+            args.connections,
+        )?);
+        through.push(wrk::run(
+            &format!("{url}/function/tiny"),
+            args.seconds,
+            args.connections,
+        )?);
     }
     let fork_cold = cold_starts(&agent, &url, &auth, "fork", args.cold_starts)?;
     let http_cold = cold_starts(&agent, &url, &auth, "tiny", args.cold_starts)?;
     drop(bench);
 
-    let d = median_wrk(&direct);
-    let g = median_wrk(&through);
+    let d = wrk::median(&direct);
+    let g = wrk::median(&through);
     println!("| target | requests/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|");
     println!(
@@ -184,8 +186,8 @@ pub fn run(args: Args) -> Result<()> {
         v.sort_by(f64::total_cmp);
         println!(
             "| {name} | {:.2} | {:.2} | {} |",
-            percentile(&v, 0.5),
-            percentile(&v, 0.99),
+            wrk::percentile(&v, 0.5),
+            wrk::percentile(&v, 0.99),
             v.len()
         );
     }
@@ -242,17 +244,6 @@ fn deploy(agent: &ureq::Agent, url: &str, auth: &str, body: serde_json::Value) -
     Ok(())
 }
 
-fn wait_ok(agent: &ureq::Agent, url: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if agent.get(url).call().is_ok_and(|r| r.status() == 200) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("{url} never answered 200")
-}
-
 /// Scales `function` to zero, waits until it is down, then times one request.
 fn cold_starts(
     agent: &ureq::Agent,
@@ -296,73 +287,6 @@ fn cold_starts(
     Ok(times)
 }
 
-fn wrk(url: &str, args: &Args) -> Result<Wrk> {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{}", args.connections),
-            &format!("-d{}s", args.seconds),
-            "--latency",
-            url,
-        ])
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || text.contains("Non-2xx") {
-        bail!("wrk on {url} failed or saw errors:\n{text}");
-    }
-    let field = |prefix: &str| -> Option<&str> {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix))
-            .map(str::trim)
-    };
-    let rps: f64 = field("Requests/sec:").context("no Requests/sec")?.parse()?;
-    Ok(Wrk {
-        rps,
-        p50_ms: ms(field("50%").context("no p50")?)?,
-        p99_ms: ms(field("99%").context("no p99")?)?,
-    })
-}
-
-/// wrk's latency with its unit (`812.00us`, `1.20ms`, `2.01s`) in milliseconds.
-fn ms(v: &str) -> Result<f64> {
-    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = v.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        bail!("unknown latency {v:?}")
-    };
-    Ok(num.parse::<f64>()? * scale)
-}
-
-fn median_wrk(runs: &[Wrk]) -> Wrk {
-    let med = |f: fn(&Wrk) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        percentile(&v, 0.5)
-    };
-    Wrk {
-        rps: med(|w| w.rps),
-        p50_ms: med(|w| w.p50_ms),
-        p99_ms: med(|w| w.p99_ms),
-    }
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Async: wrk POSTs to /async-function for `seconds` (accepted/s, enqueue latency), then
 /// the run waits until the queue-worker has completed every call, callbacks included.
 fn run_async(args: &Args) -> Result<()> {
@@ -381,7 +305,7 @@ fn run_async(args: &Args) -> Result<()> {
         &auth,
         json!({"service": "noop", "image": "bench/noop", "envProcess": "./hello-rust", "envVars": {"mode": "http"}}),
     )?;
-    wait_ok(&agent, &format!("{url}/function/noop"))?;
+    wrk::wait_ok(&agent, &format!("{url}/function/noop"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while agent
         .get(&format!("{url}/system/async-dead-letters"))
@@ -430,7 +354,7 @@ fn run_async(args: &Args) -> Result<()> {
             .map(str::trim)
             .context("no latency")
     };
-    let (p50, p99) = (ms(field("50%")?)?, ms(field("99%")?)?);
+    let (p50, p99) = (wrk::ms(field("50%")?)?, wrk::ms(field("99%")?)?);
     let metric = |name: &str| -> Result<f64> {
         let mut r = agent.get(&format!("{url}/metrics")).call()?;
         let body = r.body_mut().read_to_string()?;
@@ -493,13 +417,21 @@ fn run_metering(args: &Args) -> Result<()> {
             &b.auth,
             json!({"service": "tiny", "image": "bench/tiny", "envProcess": "./hello-rust", "envVars": {"mode": "http"}}),
         )?;
-        wait_ok(&agent, &format!("{}/function/tiny", b.url))?;
+        wrk::wait_ok(&agent, &format!("{}/function/tiny", b.url))?;
     }
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        without.push(wrk(&format!("{}/function/tiny", off.url), args)?);
-        with.push(wrk(&format!("{}/function/tiny", on.url), args)?);
+        without.push(wrk::run(
+            &format!("{}/function/tiny", off.url),
+            args.seconds,
+            args.connections,
+        )?);
+        with.push(wrk::run(
+            &format!("{}/function/tiny", on.url),
+            args.seconds,
+            args.connections,
+        )?);
     }
     std::thread::sleep(Duration::from_secs(2));
     let mut r = agent.get(&format!("{}/metrics", on.url)).call()?;
@@ -514,7 +446,7 @@ fn run_metering(args: &Args) -> Result<()> {
             })
             .unwrap_or(0.0)
     };
-    let (a, b) = (median_wrk(&without), median_wrk(&with));
+    let (a, b) = (wrk::median(&without), wrk::median(&with));
     println!("| sync through the gateway | requests/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|");
     println!(
@@ -563,7 +495,7 @@ fn run_autoscale() -> Result<()> {
         &bench.auth,
         json!({"service": "step", "image": "bench/step", "envProcess": "./hello-rust", "envVars": {"mode": "http"}, "labels": labels}),
     )?;
-    wait_ok(&agent, &format!("{}/function/step", bench.url))?;
+    wrk::wait_ok(&agent, &format!("{}/function/step", bench.url))?;
     let url = format!("{}/function/step", bench.url);
     let start = Instant::now();
     let senders: Vec<_> = (0..SENDERS)

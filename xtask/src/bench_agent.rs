@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::wrk::{self, Wrk};
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
@@ -60,9 +61,9 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         bail!("deploying tiny: {}", r.status());
     }
     let target = format!("{url}/function/tiny");
-    wait_ok(&http, &target)?;
+    wrk::wait_ok(&http, &target)?;
     // Warm up the gateway's pool and the function.
-    wrk(&target, 2, connections)?;
+    wrk::run(&target, 2, connections)?;
 
     // Arm 0: no agent; 1: the agent; 2: the agent without `sched_switch` (--cpu-time false).
     const ARMS: [(&str, Option<&str>); 3] = [
@@ -78,13 +79,13 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         for k in 0..ARMS.len() {
             let arm = (round + k) % ARMS.len();
             let Some(cpu_time) = ARMS[arm].1 else {
-                runs[arm].push(wrk(&target, seconds, connections)?);
+                runs[arm].push(wrk::run(&target, seconds, connections)?);
                 continue;
             };
             let agent = Agent::start(&bin, &url, &data, &["--cpu-time", cpu_time])?;
             std::thread::sleep(STATS_REFRESH);
             let before = agent.bpf()?;
-            let w = wrk(&target, seconds, connections)?;
+            let w = wrk::run(&target, seconds, connections)?;
             std::thread::sleep(STATS_REFRESH);
             let after = agent.bpf()?;
             let dropped = agent.metric("tally_agent_events_dropped_total")?;
@@ -101,9 +102,9 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         "| hello-rust through the gateway (wrk, {connections} connections, {seconds} s, median of {rounds}) | requests/s | p50 ms | p99 ms | vs detached | eBPF time per invocation | eBPF runs per invocation |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let base = median(&runs[0]).rps;
+    let base = wrk::median(&runs[0]).rps;
     for (arm, (name, _)) in ARMS.iter().enumerate() {
-        let m = median(&runs[arm]);
+        let m = wrk::median(&runs[arm]);
         let (cost, count) = if kernel[arm].is_empty() {
             ("–".to_string(), "–".to_string())
         } else {
@@ -112,8 +113,8 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
             ns.sort_by(f64::total_cmp);
             n.sort_by(f64::total_cmp);
             (
-                format!("{:.1} µs", percentile(&ns, 0.5) / 1000.0),
-                format!("{:.1}", percentile(&n, 0.5)),
+                format!("{:.1} µs", wrk::percentile(&ns, 0.5) / 1000.0),
+                format!("{:.1}", wrk::percentile(&n, 0.5)),
             )
         };
         println!(
@@ -142,13 +143,6 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     println!();
     println!("target: attached ≥ 97% of detached");
     Ok(())
-}
-
-struct Wrk {
-    rps: f64,
-    requests: u64,
-    p50_ms: f64,
-    p99_ms: f64,
 }
 
 /// Program run time (s) and run count per program, from the agent's /metrics.
@@ -194,7 +188,7 @@ struct Agent {
 
 impl Agent {
     fn start(bin: &Path, url: &str, data: &Path, extra: &[&str]) -> Result<Self> {
-        let port = free_port()?;
+        let port = wrk::free_port()?;
         let spool = data.join(format!("spool-{port}"));
         let child = Command::new(bin.join("agent"))
             .args(["--gateway-url", url])
@@ -357,91 +351,4 @@ fn client() -> ureq::Agent {
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
         .into()
-}
-
-fn wait_ok(http: &ureq::Agent, url: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if http.get(url).call().is_ok_and(|r| r.status() == 200) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{url} never answered 200")
-}
-
-fn wrk(url: &str, seconds: u32, connections: u32) -> Result<Wrk> {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
-        bail!("wrk on {url} failed or saw errors:\n{text}");
-    }
-    let field = |prefix: &str| -> Option<&str> {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix))
-            .map(str::trim)
-    };
-    // "  123456 requests in 8.00s, 12.34MB read"
-    let requests: u64 = text
-        .lines()
-        .find(|l| l.contains(" requests in "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .context("no request count")?;
-    Ok(Wrk {
-        rps: field("Requests/sec:").context("no Requests/sec")?.parse()?,
-        requests,
-        p50_ms: ms(field("50%").context("no p50")?)?,
-        p99_ms: ms(field("99%").context("no p99")?)?,
-    })
-}
-
-/// wrk's latency with its unit (`812.00us`, `1.20ms`, `2.01s`) in milliseconds.
-fn ms(v: &str) -> Result<f64> {
-    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = v.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        bail!("unknown latency {v:?}")
-    };
-    Ok(num.parse::<f64>()? * scale)
-}
-
-fn median(runs: &[Wrk]) -> Wrk {
-    let med = |f: fn(&Wrk) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        percentile(&v, 0.5)
-    };
-    Wrk {
-        rps: med(|w| w.rps),
-        requests: med(|w| w.requests as f64) as u64,
-        p50_ms: med(|w| w.p50_ms),
-        p99_ms: med(|w| w.p99_ms),
-    }
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

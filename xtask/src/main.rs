@@ -8,6 +8,7 @@ mod setup;
 mod stack;
 mod test;
 mod up;
+mod wrk;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
