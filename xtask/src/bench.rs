@@ -82,7 +82,8 @@ impl Bench {
                 .env("PORT", function_port.to_string())
                 .spawn()?,
         );
-        let (gateway, url, auth) = start_gateway(&bin, &data, name, gateway_args)?;
+        let (gateway, url, auth) =
+            start_gateway(&bin, &data, &format!("tally-bench-{name}"), gateway_args)?;
         Ok(Self {
             data,
             function_port,
@@ -101,14 +102,16 @@ impl Drop for Bench {
 }
 
 /// Kills the child on drop, so a failed benchmark leaves nothing running.
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        if let Ok(None) = self.0.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         let _ = self.0.wait();
     }
 }
@@ -194,10 +197,12 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn start_gateway(
+/// A release gateway on a free loopback port with its own data dir and cgroup parent;
+/// returns it, its URL and the admin `Authorization` value.
+pub(crate) fn start_gateway(
     bin: &Path,
-    data: &PathBuf,
-    name: &str,
+    data: &Path,
+    cgroup_parent: &str,
     extra: &[String],
 ) -> Result<(Child, String, String)> {
     let mut child = Command::new(bin.join("gateway"))
@@ -205,7 +210,7 @@ fn start_gateway(
             "--listen",
             "127.0.0.1:0",
             "--cgroup-parent",
-            &format!("tally-bench-{name}"),
+            cgroup_parent,
             "--data-dir",
         ])
         .arg(data)
@@ -225,7 +230,7 @@ fn start_gateway(
     Ok((child, url, basic_auth("admin", password.trim())))
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))

@@ -10,16 +10,16 @@
 //! programs run on every traced syscall of the node and return at once for unwatched
 //! cgroups, so this is the whole in-kernel cost, not only the function's share.
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::bench::{Guard, agent, start_gateway};
 use crate::wrk::{self, Wrk};
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
-use crate::{basic_auth, root, run_cmd};
+use crate::{root, run_cmd};
 
 /// bpf_stats reach the agent's /metrics every 5 s: wait longer than that around a run.
 const STATS_REFRESH: Duration = Duration::from_millis(5_300);
@@ -49,9 +49,9 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     let cgroup_parent = format!("tally-bench-agent-{}", std::process::id());
     // Declared before the gateway, so dropped after it: the gateway stops first.
     let _cgroups = RemoveCgroups(cgroup_parent.clone());
-    let (gateway, url, auth) = start_gateway(&bin, &data, &cgroup_parent)?;
+    let (gateway, url, auth) = start_gateway(&bin, &data, &cgroup_parent, &[])?;
     let _gateway = Guard(gateway);
-    let http = client();
+    let http = agent();
     let r = http
         .post(&format!("{url}/system/functions"))
         .header("Authorization", &auth)
@@ -274,20 +274,6 @@ impl Drop for Agent {
 }
 
 /// Kills the child on drop, so a failed benchmark leaves nothing running.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let _ = self.0.wait();
-    }
-}
-
 struct RemoveDir(PathBuf);
 
 impl Drop for RemoveDir {
@@ -318,37 +304,4 @@ impl Drop for RemoveCgroups {
             }
         }
     }
-}
-
-fn start_gateway(bin: &Path, data: &Path, cgroup_parent: &str) -> Result<(Child, String, String)> {
-    let mut child = Command::new(bin.join("gateway"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--cgroup-parent",
-            cgroup_parent,
-            "--data-dir",
-        ])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let url = lines
-        .next()
-        .context("gateway exited")??
-        .strip_prefix("tally gateway listening on ")
-        .context("unexpected gateway output")?
-        .to_string();
-    std::thread::spawn(move || lines.for_each(drop));
-    let password = std::fs::read_to_string(data.join("secrets/basic-auth-password"))?;
-    Ok((child, url, basic_auth("admin", password.trim())))
-}
-
-fn client() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
 }
