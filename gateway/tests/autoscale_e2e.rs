@@ -18,6 +18,23 @@ impl Drop for Killed {
     }
 }
 
+/// A real Prometheus on `port` with `config`, its data under `dir`; killed on drop.
+fn prometheus(config: &std::path::Path, dir: &std::path::Path, port: u16) -> Killed {
+    Killed(
+        Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("prom").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn have(bin: &str) -> bool {
     std::path::Path::new(bin).exists()
 }
@@ -71,19 +88,7 @@ async fn a_burst_scales_up_through_prometheus_and_alertmanager_and_back_down() {
             .spawn()
             .unwrap(),
     );
-    let _prom = Killed(
-        Command::new("/usr/bin/prometheus")
-            .arg(format!("--config.file={}", prom_cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("prom").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _prom = prometheus(&prom_cfg, dir.path(), prom_port);
 
     // A burst of ~30 requests/s (bounded: at most 60 s) until the function has scaled up.
     let started = Instant::now();
@@ -167,19 +172,7 @@ async fn the_target_autoscaler_reads_load_from_prometheus_recording_rules() {
         ),
     )
     .unwrap();
-    let _prom = Killed(
-        Command::new("/usr/bin/prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("prom").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _prom = prometheus(&cfg, dir.path(), prom_port);
     // ~20 requests/s (bounded: 60 s at most) until the load has been read from
     // Prometheus' recorded rate and the function has scaled to 3 or more.
     let started = Instant::now();
