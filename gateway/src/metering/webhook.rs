@@ -50,17 +50,16 @@ pub fn start(gw: &Arc<Gateway>) {
 }
 
 async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
-    let (endpoint, cfg, js, replicas, mut stopping) = {
+    let (cfg, js, replicas, mut stopping) = {
         let gw = weak.upgrade().ok_or("gateway gone")?;
         let cfg = gw.config.metering.clone();
-        let endpoint = cfg.webhook_endpoint.clone().ok_or("no webhook_endpoint")?;
+        cfg.webhook_endpoint.as_ref().ok_or("no webhook_endpoint")?;
         let queue = gw
             .queue
             .get()
             .filter(|q| q.connected())
             .ok_or("NATS is not connected yet")?;
         (
-            endpoint,
             cfg,
             queue.js.clone(),
             queue.config.nats_replicas,
@@ -105,16 +104,12 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
             return Err("the message stream ended".into());
         };
         let first = first.map_err(|e| e.to_string())?;
-        let (mut bytes, mut events) = (first.payload.len(), count(&first));
-        let mut batch = vec![first];
+        let (mut batch, mut events, mut bytes) = (Vec::new(), Vec::new(), 0);
+        take(&js, first, &mut batch, &mut events, &mut bytes).await;
         let deadline = tokio::time::Instant::now() + cfg.webhook_batch_wait;
-        while bytes < cfg.webhook_batch_bytes && events < cfg.webhook_batch_events {
+        while bytes < cfg.webhook_batch_bytes && events.len() < cfg.webhook_batch_events {
             match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(Ok(m))) => {
-                    bytes += m.payload.len();
-                    events += count(&m);
-                    batch.push(m);
-                }
+                Ok(Some(Ok(m))) => take(&js, m, &mut batch, &mut events, &mut bytes).await,
                 Ok(Some(Err(e))) => return Err(e.to_string()),
                 Ok(None) | Err(_) => break,
             }
@@ -122,43 +117,47 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
         let Some(gw) = weak.upgrade() else {
             return Ok(());
         };
-        deliver(&gw, &client, &endpoint, secret.as_deref(), &js, batch, &cfg).await;
+        if !events.is_empty() {
+            deliver(&gw, &client, secret.as_deref(), &js, batch, events, &cfg).await;
+        }
     }
 }
 
-/// Events in one message (a JSON array).
-fn count(m: &jetstream::Message) -> usize {
-    serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&m.payload).map_or(0, |v| v.len())
+/// Adds a message's events to the batch (read once); an unreadable message is parked.
+async fn take(
+    js: &jetstream::Context,
+    m: jetstream::Message,
+    batch: &mut Vec<jetstream::Message>,
+    events: &mut Vec<FunctionUsage>,
+    bytes: &mut usize,
+) {
+    match serde_json::from_slice::<Vec<FunctionUsage>>(&m.payload) {
+        Ok(mut e) => {
+            *bytes += m.payload.len();
+            events.append(&mut e);
+            batch.push(m);
+        }
+        Err(e) => {
+            tracing::error!("unreadable usage message parked: {e}");
+            park(js, &m.payload, 0, &format!("unreadable: {e}")).await;
+            let _ = m.double_ack().await;
+        }
+    }
 }
 
 async fn deliver(
     gw: &Gateway,
     client: &Client,
-    endpoint: &str,
     secret: Option<&[u8]>,
     js: &jetstream::Context,
     batch: Vec<jetstream::Message>,
+    events: Vec<FunctionUsage>,
     cfg: &crate::config::MeteringConfig,
 ) {
-    let mut events: Vec<FunctionUsage> = Vec::new();
-    let mut readable = Vec::with_capacity(batch.len());
-    for m in batch {
-        match serde_json::from_slice::<Vec<FunctionUsage>>(&m.payload) {
-            Ok(mut e) => {
-                events.append(&mut e);
-                readable.push(m);
-            }
-            Err(e) => {
-                tracing::error!("unreadable usage message parked: {e}");
-                park(js, &m.payload, 0, &format!("unreadable: {e}")).await;
-                let _ = m.double_ack().await;
-            }
-        }
-    }
-    let batch = readable;
-    if events.is_empty() {
+    // run() does not start without an endpoint.
+    let Some(endpoint) = cfg.webhook_endpoint.as_deref() else {
         return;
-    }
+    };
     let body = Bytes::from(serde_json::to_vec(&events).unwrap_or_default());
     let delivery = uuid::Uuid::new_v4().to_string();
     let signature = secret.map(|s| sign::signature(s, &body));
