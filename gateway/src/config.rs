@@ -155,6 +155,11 @@ pub struct MeteringConfig {
     #[arg(long, env = "TALLY_METERING_FLUSH_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
     pub metering_flush_interval: Duration,
 
+    /// Spool each event to `DATA_DIR/metering-spool` before it is buffered, so a crash of
+    /// the gateway loses none (replayed at start).
+    #[arg(long, env = "TALLY_METERING_SPOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metering_spool: bool,
+
     /// How long the gateway's own event waits for the node agent's kernel event of the
     /// same call (used only while an agent is active).
     #[arg(long, env = "TALLY_METERING_GRACE", default_value = "5s", value_parser = parse_duration)]

@@ -72,12 +72,15 @@ impl Gateway {
         if m.webhook_endpoint.is_none() {
             return Ok(());
         }
+        let spool_dir = self.config.data_dir().join("metering-spool");
         let flusher = metering::flush::Flusher::start(
             Arc::downgrade(self),
             m.metering_buffer,
             m.metering_flush_events,
             m.metering_flush_interval,
-        );
+            m.metering_spool.then_some(spool_dir.as_path()),
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?;
         let meter = metering::meter::Meter::new(m.clone(), flusher).map_err(StartError::Config)?;
         let _ = self.meter.set(meter);
         let weak = Arc::downgrade(self);

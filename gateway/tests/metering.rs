@@ -482,3 +482,98 @@ async fn two_event_workers_share_the_stream_without_double_delivery() {
     assert_eq!(ids.len(), 300);
     assert_eq!(events.len(), 300, "no event delivered twice");
 }
+
+/// `kill -9` of the serving gateway while every event is still in its buffer (the flush
+/// is an hour away): the spool brings each served call's event back at the restart, and a
+/// kernel event the agent re-sends after the crash keeps its id (the receiver's dedupe key).
+#[tokio::test]
+async fn a_gateway_killed_with_its_buffer_full_loses_no_event() {
+    let hook = Webhook::start().await;
+    let mut flags = hook.flags();
+    flags.extend(
+        [
+            "--metering-flush-interval",
+            "1h",
+            "--metering-flush-events",
+            "1000000",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut gw = TestGateway::start(&args);
+    gw.deploy_ok(http_fn("web")).await;
+    gw.wait_available("web", 1).await;
+    gw.wait_async_ready().await;
+    let mut served = std::collections::HashSet::new();
+    for i in 0..200 {
+        let call = format!("crash-{i}");
+        let r = gw
+            .http
+            .get(gw.url("/function/web/echo"))
+            .header("X-Call-Id", &call)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        served.insert(call);
+    }
+    let kernel = json!([{
+        "id": "agent-event-0001", "call_id": "not-through-this-gateway",
+        "namespace": "openfaas-fn", "function_name": "web", "replica": "web-1",
+        "started": "2026-11-22T10:00:00.000000001Z", "duration_ns": 1_000_000u64,
+        "status_code": 200, "memory_peak_bytes": 1_048_576u64, "source": "kernel"
+    }]);
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/usage")))
+        .json(&kernel)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let early = hook.events();
+    assert!(
+        early.is_empty(),
+        "nothing flushed before the crash: {} {:?}",
+        early.len(),
+        early.first()
+    );
+    gw.crash();
+    gw.spawn();
+    let events = hook.wait_events(201).await;
+    // The agent did not get (or lost) the answer and sends the same event again.
+    gw.wait_async_ready().await;
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/usage")))
+        .json(&kernel)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got: std::collections::HashSet<String> = events
+        .iter()
+        .filter(|e| e["source"] == "gateway")
+        .map(|e| e["call_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, served, "every served call, once");
+    assert_eq!(
+        events.iter().filter(|e| e["source"] == "gateway").count(),
+        200
+    );
+    let kernel_ids: Vec<String> = hook
+        .events()
+        .iter()
+        .filter(|e| e["source"] == "kernel")
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !kernel_ids.is_empty() && kernel_ids.iter().all(|id| id == "agent-event-0001"),
+        "the agent's id is the billing id: {kernel_ids:?}"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "gateway_metering_events_total{stage=\"replayed\"}"),
+        Some(201.0)
+    );
+}

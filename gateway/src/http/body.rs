@@ -213,9 +213,13 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // Released before the last frame is handed on, so whatever the guard records
+        // (the usage event) is spooled before the client can have the whole response.
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
+            || (matches!(polled, Poll::Ready(Some(Ok(_)))) && this.inner.is_end_stream())
+        {
             this.guard.take();
         }
         polled

@@ -1,13 +1,16 @@
-//! The gateway's side of metering: a bounded buffer the invocation path never waits on,
-//! flushed to the JetStream stream `TALLY_USAGE` when it holds N events or T has passed.
+//! The gateway's side of metering: a bounded buffer the invocation path never waits on
+//! (beyond one spool `write`), flushed to JetStream `TALLY_USAGE` every N events or T.
 
-use std::sync::Weak;
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::event::FunctionUsage;
+use super::spool::{Sealed, Spool, SpoolError};
 use crate::Gateway;
 
 pub const STREAM: &str = "TALLY_USAGE";
@@ -18,96 +21,254 @@ pub const PARKED_SUBJECT: &str = "tally.usage.parked";
 /// Where metered events go; cheap to clone.
 #[derive(Clone)]
 pub struct Flusher {
-    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
 }
 
-// Events are nearly every message: boxing them would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
-enum Msg {
-    Event(FunctionUsage),
-    /// Publish what is buffered now, then answer (used at shutdown).
-    Flush(tokio::sync::oneshot::Sender<()>),
+struct Shared {
+    buffer: Mutex<Buffer>,
+    wake: Notify,
+    capacity: usize,
+    every: usize,
+}
+
+#[derive(Default)]
+struct Buffer {
+    /// Serialized events, each ending with `\n` (as in the spool).
+    lines: Vec<Vec<u8>>,
+    /// When the oldest buffered event arrived.
+    since: Option<Instant>,
+    spool: Option<Spool>,
+    /// A flush was asked for: publish without waiting for N or T.
+    now: bool,
+    /// A batch taken from `lines` is being published.
+    publishing: bool,
 }
 
 impl Flusher {
-    /// Starts the flushing task.
-    pub fn start(gw: Weak<Gateway>, capacity: usize, every: usize, interval: Duration) -> Self {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        tokio::spawn(flush_loop(gw, rx, every.max(1), interval));
-        Self { tx }
+    /// Starts the flushing task; with a spool directory, events are spooled there first and
+    /// whatever a crashed predecessor left is published before anything new.
+    pub fn start(
+        gw: Weak<Gateway>,
+        capacity: usize,
+        every: usize,
+        interval: Duration,
+        spool_dir: Option<&Path>,
+    ) -> Result<Self, SpoolError> {
+        let (spool, replay) = match spool_dir {
+            Some(dir) => {
+                let (spool, replay) = Spool::open(dir)?;
+                (Some(spool), replay)
+            }
+            None => (None, Vec::new()),
+        };
+        let shared = Arc::new(Shared {
+            buffer: Mutex::new(Buffer {
+                spool,
+                ..Buffer::default()
+            }),
+            wake: Notify::new(),
+            capacity: capacity.max(1),
+            every: every.max(1),
+        });
+        tokio::spawn(flush_loop(gw, shared.clone(), interval, replay));
+        Ok(Self { shared })
     }
 
-    /// Hands an event over without waiting; a full buffer drops it and says so.
+    /// Buffers an event (spooled first) without waiting on NATS; a full buffer drops it
+    /// and says so.
     pub fn send(&self, gw: &Gateway, event: FunctionUsage) {
-        match self.tx.try_send(Msg::Event(event)) {
-            Ok(()) => gw.metrics.metering.with_label_values(&["produced"]).inc(),
-            Err(_) => {
+        let mut line = match serde_json::to_vec(&event) {
+            Ok(l) => l,
+            Err(e) => {
                 gw.metrics.metering.with_label_values(&["dropped"]).inc();
-                tracing::error!("metering buffer full: usage event dropped");
+                tracing::error!("usage event not serializable: {e}");
+                return;
             }
+        };
+        line.push(b'\n');
+        let mut b = self.shared.lock();
+        if b.lines.len() >= self.shared.capacity {
+            drop(b);
+            gw.metrics.metering.with_label_values(&["dropped"]).inc();
+            tracing::error!("metering buffer full: usage event dropped");
+            return;
+        }
+        if let Some(spool) = b.spool.as_mut()
+            && let Err(e) = spool.append(&line)
+        {
+            gw.metrics
+                .metering
+                .with_label_values(&["spool_error"])
+                .inc();
+            tracing::error!("{e}: the event is kept in memory only");
+        }
+        b.lines.push(line);
+        let n = b.lines.len();
+        if n == 1 {
+            b.since = Some(Instant::now());
+        }
+        drop(b);
+        gw.metrics.metering.with_label_values(&["produced"]).inc();
+        if n == 1 || n >= self.shared.every {
+            self.shared.wake.notify_one();
         }
     }
 
     /// Publishes everything handed over so far; waits at most `limit`.
     pub async fn flush(&self, limit: Duration) -> bool {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.tx.send(Msg::Flush(tx)).await.is_err() {
-            return false;
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let mut b = self.shared.lock();
+                if b.lines.is_empty() && !b.publishing {
+                    return true;
+                }
+                b.now = true;
+            }
+            self.shared.wake.notify_one();
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::timeout(limit, rx)
-            .await
-            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until a batch is due (N events, T since the first, or a flush asked for),
+    /// then takes it, sealing the spool file that holds it.
+    async fn next_batch(
+        &self,
+        gw: &Weak<Gateway>,
+        interval: Duration,
+    ) -> (Vec<Vec<u8>>, Option<Sealed>) {
+        loop {
+            let due = {
+                let b = self.lock();
+                match b.since {
+                    _ if b.lines.is_empty() => None,
+                    _ if b.now || b.lines.len() >= self.every => Some(Instant::now()),
+                    Some(since) => Some(since + interval),
+                    None => Some(Instant::now()),
+                }
+            };
+            match due {
+                None => {
+                    self.wake.notified().await;
+                    continue;
+                }
+                Some(at) if at > Instant::now() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = self.wake.notified() => continue,
+                    }
+                }
+                Some(_) => {}
+            }
+            let mut b = self.lock();
+            if b.lines.is_empty() {
+                continue;
+            }
+            let lines = std::mem::take(&mut b.lines);
+            b.since = None;
+            b.now = false;
+            b.publishing = true;
+            let sealed = match b.spool.as_mut().map(Spool::seal) {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    if let Some(gw) = gw.upgrade() {
+                        gw.metrics
+                            .metering
+                            .with_label_values(&["spool_error"])
+                            .inc();
+                    }
+                    tracing::error!("sealing the metering spool: {e}");
+                    None
+                }
+                None => None,
+            };
+            return (lines, sealed);
+        }
     }
 }
 
 async fn flush_loop(
     gw: Weak<Gateway>,
-    mut rx: mpsc::Receiver<Msg>,
-    every: usize,
+    shared: Arc<Shared>,
     interval: Duration,
+    replay: Vec<Sealed>,
 ) {
-    let mut batch: Vec<FunctionUsage> = Vec::with_capacity(every);
     let mut streams_ready = false;
+    for sealed in replay {
+        let lines = match sealed.lines() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("replaying the metering spool: {e}");
+                continue;
+            }
+        };
+        let valid: Vec<Vec<u8>> = lines
+            .into_iter()
+            .filter(|l| serde_json::from_slice::<FunctionUsage>(l).is_ok())
+            .collect();
+        if !valid.is_empty() {
+            tracing::info!(
+                events = valid.len(),
+                file = %sealed.path.display(),
+                "replaying usage events spooled before a restart"
+            );
+        }
+        let n = valid.len() as u64;
+        if !publish_all(&gw, &shared, &valid, &mut streams_ready).await {
+            return;
+        }
+        if let Some(gw) = gw.upgrade() {
+            gw.metrics
+                .metering
+                .with_label_values(&["replayed"])
+                .inc_by(n);
+        }
+        sealed.remove();
+    }
     loop {
-        // Wait for a first event, then for more until the batch is full or T passed.
-        let mut flushed = None;
-        match rx.recv().await {
-            Some(Msg::Event(e)) => batch.push(e),
-            Some(Msg::Flush(done)) => flushed = Some(done),
-            None => return,
+        let (lines, sealed) = shared.next_batch(&gw, interval).await;
+        if !publish_all(&gw, &shared, &lines, &mut streams_ready).await {
+            return;
         }
-        let deadline = tokio::time::Instant::now() + interval;
-        while flushed.is_none() && batch.len() < every {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Msg::Event(e))) => batch.push(e),
-                Ok(Some(Msg::Flush(done))) => flushed = Some(done),
-                Ok(None) | Err(_) => break,
-            }
+        if let Some(s) = sealed {
+            s.remove();
         }
-        if batch.is_empty() {
-            if let Some(done) = flushed {
-                let _ = done.send(());
-            }
-            continue;
-        }
+        shared.lock().publishing = false;
+    }
+}
+
+/// Publishes `lines` in messages of at most N events, retrying each with a capped backoff;
+/// false once the gateway is gone.
+async fn publish_all(
+    gw: &Weak<Gateway>,
+    shared: &Shared,
+    lines: &[Vec<u8>],
+    streams_ready: &mut bool,
+) -> bool {
+    for chunk in lines.chunks(shared.every) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let Some(gw) = gw.upgrade() else { return };
-            match publish(&gw, &batch, &mut streams_ready).await {
+            let Some(gw) = gw.upgrade() else { return false };
+            match publish(&gw, chunk, streams_ready).await {
                 Ok(()) => {
                     gw.metrics
                         .metering
                         .with_label_values(&["flushed"])
-                        .inc_by(batch.len() as u64);
-                    batch.clear();
-                    if let Some(done) = flushed.take() {
-                        let _ = done.send(());
-                    }
+                        .inc_by(chunk.len() as u64);
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(
-                        events = batch.len(),
+                        events = chunk.len(),
                         "flushing usage events: {e}; retrying in {backoff:?}"
                     );
                     drop(gw);
@@ -117,14 +278,12 @@ async fn flush_loop(
             }
         }
     }
+    true
 }
 
-/// One JetStream message per flush: a JSON array, deduplicated by its first event's id.
-async fn publish(
-    gw: &Gateway,
-    batch: &[FunctionUsage],
-    streams_ready: &mut bool,
-) -> Result<(), String> {
+/// One JetStream message per chunk: a JSON array, deduplicated by its first event's id
+/// and length (a replayed chunk is the same message).
+async fn publish(gw: &Gateway, chunk: &[Vec<u8>], streams_ready: &mut bool) -> Result<(), String> {
     let queue = gw
         .queue
         .get()
@@ -134,8 +293,18 @@ async fn publish(
         ensure_streams(&queue.js, queue.config.nats_replicas).await?;
         *streams_ready = true;
     }
-    let payload = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
-    let msg_id = format!("{}+{}", batch[0].id, batch.len());
+    let first: FunctionUsage =
+        serde_json::from_slice(&chunk[0]).map_err(|e| format!("spooled event: {e}"))?;
+    let mut payload = Vec::with_capacity(chunk.iter().map(Vec::len).sum::<usize>() + 2);
+    payload.push(b'[');
+    for (i, line) in chunk.iter().enumerate() {
+        if i > 0 {
+            payload.push(b',');
+        }
+        payload.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+    }
+    payload.push(b']');
+    let msg_id = format!("{}+{}", first.id, chunk.len());
     let publish = jetstream::message::PublishMessage::build()
         .payload(payload.into())
         .message_id(msg_id);

@@ -18,6 +18,10 @@ pub const RECENT_CAPACITY: usize = 100_000;
 /// One invocation as measured in the kernel (the agent's `UsageEvent`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageEvent {
+    /// The agent's id for this event, identical on every resend: billed under it, so a
+    /// batch re-sent after a gateway crash is never billed twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub call_id: Option<String>,
     pub namespace: String,
     pub function_name: String,
@@ -58,6 +62,17 @@ impl UsageEvent {
             return Some(format!(
                 "source {:?}: only \"kernel\" events are ingested",
                 self.source
+            ));
+        }
+        if let Some(id) = &self.id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Some(format!(
+                "id {id:?}: 1 to 64 letters, digits, '-' or '_' expected"
             ));
         }
         if self.call_id.as_ref().is_some_and(|c| c.len() > 256) {
@@ -118,6 +133,11 @@ mod tests {
         let mut e = event();
         e.function_name = "Bad_Name".into();
         assert!(e.problem().unwrap().contains("function_name"));
+        let mut e = event();
+        e.id = Some("../etc".into());
+        assert!(e.problem().unwrap().contains("id"));
+        e.id = Some("0d6f6a4e-2d0c-4b0e-9a55-3f0f8b7f2b11".into());
+        assert_eq!(e.problem(), None);
         let mut e = event();
         e.source = "gateway".into();
         assert!(e.problem().is_some());

@@ -176,9 +176,10 @@ impl Meter {
             .unwrap_or(self.default_memory);
         let event = FunctionUsage {
             event: "function_usage".into(),
-            id: base
-                .as_ref()
-                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |b| b.id.clone()),
+            id: k.id.clone().unwrap_or_else(|| {
+                base.as_ref()
+                    .map_or_else(|| uuid::Uuid::new_v4().to_string(), |b| b.id.clone())
+            }),
             namespace: k.namespace,
             function_name: k.function_name,
             started: k.started,

@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod meter;
 pub mod parked;
 pub mod sign;
+pub mod spool;
 pub mod webhook;
 
 pub use ingest::{Recent, UsageEvent};
