@@ -181,6 +181,10 @@ pub struct MeteringConfig {
     #[arg(long, env = "TALLY_WEBHOOK_BATCH_WAIT", default_value = "500ms", value_parser = parse_duration)]
     pub webhook_batch_wait: Duration,
 
+    /// Webhook POSTs in flight at once per event-worker.
+    #[arg(long, env = "TALLY_WEBHOOK_CONCURRENCY", default_value_t = 4)]
+    pub webhook_concurrency: usize,
+
     /// Time one webhook POST may take.
     #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub webhook_timeout: Duration,

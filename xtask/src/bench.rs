@@ -21,6 +21,8 @@ pub enum Which {
     Agent,
     /// Sync throughput with metering (webhook batches) on vs off.
     Metering,
+    /// Usage events from their source to committed PostgreSQL rows: events/s and lag.
+    Billing,
     /// The target autoscaler under a step of steady load: time to the desired count and
     /// changes over two minutes.
     Autoscale,
@@ -40,6 +42,9 @@ pub struct Args {
     /// Concurrent connections.
     #[arg(long, default_value_t = 64)]
     connections: u32,
+    /// Events/s posted to `/system/usage` (bench billing).
+    #[arg(long, default_value_t = 25_000)]
+    rate: u32,
     /// Cold starts measured per mode.
     #[arg(long, default_value_t = 30)]
     cold_starts: usize,
@@ -124,6 +129,9 @@ pub fn run(args: Args) -> Result<()> {
             return crate::bench_agent::run(args.seconds, args.rounds, args.connections);
         }
         Which::Metering => return run_metering(&args),
+        Which::Billing => {
+            return crate::bench_billing::run(args.seconds.max(20), args.rate, args.connections);
+        }
         Which::Autoscale => return run_autoscale(),
         Which::Sync => {}
     }

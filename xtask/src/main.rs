@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_billing;
 mod ebpf;
 mod setup;
 mod stack;

@@ -343,9 +343,7 @@ async fn ingest_usage(
         .inc_by(accepted.len() as u64);
     let n = accepted.len();
     if let Some(meter) = gw.meter.get() {
-        for e in &accepted {
-            meter.kernel(gw, e.clone());
-        }
+        meter.kernel(gw, accepted.iter().cloned());
     }
     gw.usage.push(accepted);
     Ok(json(

@@ -77,39 +77,64 @@ impl Flusher {
     /// Buffers an event (spooled first) without waiting on NATS; a full buffer drops it
     /// and says so.
     pub fn send(&self, gw: &Gateway, event: FunctionUsage) {
-        let mut line = match serde_json::to_vec(&event) {
-            Ok(l) => l,
-            Err(e) => {
-                gw.metrics.metering.with_label_values(&["dropped"]).inc();
-                tracing::error!("usage event not serializable: {e}");
-                return;
+        self.send_all(gw, std::iter::once(event));
+    }
+
+    /// Buffers events with one spool `write` for all of them (an ingested batch).
+    pub fn send_all(&self, gw: &Gateway, events: impl IntoIterator<Item = FunctionUsage>) {
+        let mut lines = Vec::new();
+        let mut spooled = Vec::new();
+        for event in events {
+            match serde_json::to_vec(&event) {
+                Ok(mut line) => {
+                    line.push(b'\n');
+                    spooled.extend_from_slice(&line);
+                    lines.push(line);
+                }
+                Err(e) => {
+                    gw.metrics.metering.with_label_values(&["dropped"]).inc();
+                    tracing::error!("usage event not serializable: {e}");
+                }
             }
-        };
-        line.push(b'\n');
-        let mut b = self.shared.lock();
-        if b.lines.len() >= self.shared.capacity {
-            drop(b);
-            gw.metrics.metering.with_label_values(&["dropped"]).inc();
-            tracing::error!("metering buffer full: usage event dropped");
-            return;
         }
-        if let Some(spool) = b.spool.as_mut()
-            && let Err(e) = spool.append(&line)
+        let mut b = self.shared.lock();
+        let room = self.shared.capacity.saturating_sub(b.lines.len());
+        let dropped = lines.len().saturating_sub(room);
+        if dropped > 0 {
+            lines.truncate(room);
+            let kept: usize = lines.iter().map(Vec::len).sum();
+            spooled.truncate(kept);
+        }
+        if !lines.is_empty()
+            && let Some(spool) = b.spool.as_mut()
+            && let Err(e) = spool.append(&spooled)
         {
             gw.metrics
                 .metering
                 .with_label_values(&["spool_error"])
                 .inc();
-            tracing::error!("{e}: the event is kept in memory only");
+            tracing::error!("{e}: the events are kept in memory only");
         }
-        b.lines.push(line);
+        let was_empty = b.lines.is_empty();
+        let added = lines.len();
+        b.lines.append(&mut lines);
         let n = b.lines.len();
-        if n == 1 {
+        if was_empty && n > 0 {
             b.since = Some(Instant::now());
         }
         drop(b);
-        gw.metrics.metering.with_label_values(&["produced"]).inc();
-        if n == 1 || n >= self.shared.every {
+        if dropped > 0 {
+            gw.metrics
+                .metering
+                .with_label_values(&["dropped"])
+                .inc_by(dropped as u64);
+            tracing::error!(dropped, "metering buffer full: usage events dropped");
+        }
+        gw.metrics
+            .metering
+            .with_label_values(&["produced"])
+            .inc_by(added as u64);
+        if (was_empty && n > 0) || n >= self.shared.every {
             self.shared.wake.notify_one();
         }
     }

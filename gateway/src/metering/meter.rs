@@ -123,11 +123,20 @@ impl Meter {
             });
     }
 
-    /// Records a kernel measurement from the agent: it replaces the gateway's event of the
-    /// same call, or stands alone for a call the gateway did not see.
-    pub fn kernel(&self, gw: &Gateway, k: UsageEvent) {
+    /// Records the kernel measurements of one ingested batch (spooled together).
+    pub fn kernel(&self, gw: &Gateway, batch: impl IntoIterator<Item = UsageEvent>) {
+        let events: Vec<FunctionUsage> = batch
+            .into_iter()
+            .filter_map(|k| self.kernel_event(gw, k))
+            .collect();
+        self.flusher.send_all(gw, events);
+    }
+
+    /// A kernel measurement from the agent: it replaces the gateway's event of the same
+    /// call, or stands alone for a call the gateway did not see; `None` when not billed.
+    fn kernel_event(&self, gw: &Gateway, k: UsageEvent) -> Option<FunctionUsage> {
         if self.config.excluded(&k.namespace) {
-            return;
+            return None;
         }
         {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -137,7 +146,7 @@ impl Meter {
                     .metering
                     .with_label_values(&["kernel_duplicate"])
                     .inc();
-                return;
+                return None;
             }
             p.kernel_order.push_back(key);
             if p.kernel_order.len() > SETTLED_MEMORY
@@ -165,7 +174,7 @@ impl Meter {
                     .with_label_values(&["kernel_late"])
                     .inc();
                 tracing::warn!(call_id = ?k.call_id, "kernel event after the gateway's own was sent: dropped, not billed twice");
-                return;
+                return None;
             }
             Some(Some(h)) => Some(h.event),
             None => None,
@@ -174,7 +183,7 @@ impl Meter {
             .memory_limit_bytes
             .or(base.as_ref().map(|b| b.memory_bytes))
             .unwrap_or(self.default_memory);
-        let event = FunctionUsage {
+        Some(FunctionUsage {
             event: "function_usage".into(),
             id: k.id.clone().unwrap_or_else(|| {
                 base.as_ref()
@@ -193,8 +202,7 @@ impl Meter {
             init_duration_ns: base.as_ref().and_then(|b| b.init_duration_ns),
             billed_duration_ms: FunctionUsage::billed_ms(k.duration_ns),
             source: "kernel".into(),
-        };
-        self.flusher.send(gw, event);
+        })
     }
 
     /// At shutdown: sends every held event now, then publishes the buffer.

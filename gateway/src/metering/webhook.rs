@@ -66,13 +66,18 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
             gw.stopping.subscribe(),
         )
     };
-    let secret = match &cfg.webhook_secret_file {
+    let secret: Option<Arc<[u8]>> = match &cfg.webhook_secret_file {
         Some(path) => Some(
             sign::read_secret(path)
-                .map_err(|e| format!("webhook_secret_file {}: {e}", path.display()))?,
+                .map_err(|e| format!("webhook_secret_file {}: {e}", path.display()))?
+                .into(),
         ),
         None => None,
     };
+    let cfg = Arc::new(cfg);
+    // Batches in flight at once; each is acked on its own 2xx.
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.webhook_concurrency.max(1)));
+    let mut inflight = tokio::task::JoinSet::new();
     ensure_streams(&js, replicas).await?;
     let stream = js.get_stream(STREAM).await.map_err(|e| e.to_string())?;
     let consumer: jetstream::consumer::PullConsumer = stream
@@ -95,6 +100,11 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
             .pool_idle_timeout(Duration::from_secs(30))
             .build_http();
     loop {
+        while inflight.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.map_err(|e| e.to_string())?,
+            () = crate::until_true(&mut stopping) => return Ok(()),
+        };
         // A batch: whole messages, until the event or byte limit, or the wait runs out.
         let first = tokio::select! {
             m = messages.next() => m,
@@ -117,9 +127,14 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
         let Some(gw) = weak.upgrade() else {
             return Ok(());
         };
-        if !events.is_empty() {
-            deliver(&gw, &client, secret.as_deref(), &js, batch, events, &cfg).await;
+        if events.is_empty() {
+            continue;
         }
+        let (client, secret, js, cfg) = (client.clone(), secret.clone(), js.clone(), cfg.clone());
+        inflight.spawn(async move {
+            deliver(&gw, &client, secret.as_deref(), &js, batch, events, &cfg).await;
+            drop(slot);
+        });
     }
 }
 

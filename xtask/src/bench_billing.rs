@@ -1,0 +1,353 @@
+//! `cargo xtask bench billing`: usage events from their source to committed PostgreSQL rows
+//! (gateway → JetStream → event-worker → signed webhook → billing-receiver), events/s and lag.
+//!
+//! Two sources in the same run: kernel-style events POSTed to `/system/usage` at a paced
+//! rate (as node agents do), then real sync invocations driven by wrk. Lag is each row's
+//! `received_at` (its transaction's time) minus the end of its invocation.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use crate::bench::{Guard, agent, start_gateway};
+use crate::{root, run_cmd, wrk};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Events per `/system/usage` POST (what an agent sends at most per batch, roughly).
+const POST_EVENTS: usize = 500;
+const SENDERS: usize = 4;
+
+pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
+    run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "gateway",
+        "-p",
+        "hello-rust",
+        "-p",
+        "billing-receiver",
+    ]))?;
+    let bin = root().join("target/release");
+    let work = std::env::temp_dir().join(format!("tally-bench-billing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("gateway/functions"))?;
+    let _cleanup = RemoveDir(work.clone());
+    let pg = TempPg::start(&work.join("pg"))?;
+    let db = pg.url();
+    let secret = work.join("webhook-secret");
+    std::fs::write(&secret, "bench-billing-secret\n")?;
+    run_cmd(Command::new(bin.join("billing-receiver")).args(["migrate", "--database-url", &db]))?;
+    let receiver_port = wrk::free_port()?;
+    let _receiver = Guard(
+        Command::new(bin.join("billing-receiver"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{receiver_port}")])
+            .args(["--database-url", &db, "--secret-file"])
+            .arg(&secret)
+            .env("RUST_LOG", "warn")
+            .spawn()?,
+    );
+    let data = work.join("gateway");
+    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+    let (gateway, url, auth) = start_gateway(
+        &bin,
+        &data,
+        "tally-bench-billing",
+        &[
+            "--autoscaler".into(),
+            "off".into(),
+            "--webhook-endpoint".into(),
+            format!("http://127.0.0.1:{receiver_port}/"),
+            "--webhook-secret-file".into(),
+            secret.display().to_string(),
+        ],
+    )?;
+    let _gateway = Guard(gateway);
+    let http = agent();
+    let r = http
+        .post(&format!("{url}/system/functions"))
+        .header("Authorization", &auth)
+        .send_json(json!({"service": "tiny", "image": "bench/tiny",
+            "envProcess": "./hello-rust", "envVars": {"mode": "http"}}))?;
+    if r.status() != 202 {
+        bail!("deploy: {}", r.status());
+    }
+    wrk::wait_ok(&http, &format!("{url}/function/tiny"))?;
+    wait_for_receiver(&http, receiver_port)?;
+
+    eprintln!("phase 1: {rate} events/s to /system/usage for {seconds} s");
+    let since = rfc3339_now();
+    let sent = post_usage(&url, &auth, rate, seconds)?;
+    let kernel = wait_rows(&pg, "kernel", &since, sent)?;
+
+    eprintln!("phase 2: wrk -c{connections} on /function/tiny for {seconds} s");
+    let since = rfc3339_now();
+    let before = produced(&http, &url)?;
+    let w = wrk::run(&format!("{url}/function/tiny"), seconds, connections)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let invoked = produced(&http, &url)? - before;
+    let gateway = wait_rows(&pg, "gateway", &since, invoked)?;
+
+    println!(
+        "| source → committed rows | events | events/s (first produced → last committed) | lag p50 s | lag p99 s | max s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, s) in [
+        (format!("/system/usage, paced {rate}/s"), &kernel),
+        (
+            format!("sync invocations (wrk, {:.0} req/s)", w.rps),
+            &gateway,
+        ),
+    ] {
+        println!(
+            "| {name} | {} | {:.0} | {:.3} | {:.3} | {:.3} |",
+            s.rows, s.rate, s.p50, s.p99, s.max
+        );
+    }
+    println!(
+        "dropped: {}",
+        metric(
+            &http,
+            &url,
+            "gateway_metering_events_total{stage=\"dropped\"}"
+        )?
+    );
+    Ok(())
+}
+
+/// Paced batches from `SENDERS` threads; returns the events accepted.
+fn post_usage(url: &str, auth: &str, rate: u32, seconds: u32) -> Result<u64> {
+    let period = Duration::from_secs_f64((POST_EVENTS * SENDERS) as f64 / rate.max(1) as f64);
+    let deadline = Instant::now() + Duration::from_secs(seconds.into());
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            let (url, auth) = (url.to_string(), auth.to_string());
+            std::thread::spawn(move || -> Result<u64> {
+                let http = agent();
+                let mut next = Instant::now();
+                let (mut seq, mut accepted) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    let started = rfc3339_now();
+                    // Built as text: the sender must not be what limits the rate.
+                    let mut body = String::with_capacity(POST_EVENTS * 300);
+                    body.push('[');
+                    for i in 0..POST_EVENTS {
+                        if i > 0 {
+                            body.push(',');
+                        }
+                        let id = format!("bench-{t}-{seq}-{i}");
+                        body.push_str(&format!(
+                            r#"{{"id":"{id}","call_id":"{id}","namespace":"openfaas-fn","function_name":"tiny","replica":"tiny-bench","started":"{started}","duration_ns":1000000,"status_code":200,"memory_peak_bytes":10485760,"memory_limit_bytes":134217728,"source":"kernel"}}"#
+                        ));
+                    }
+                    body.push(']');
+                    let mut r = http
+                        .post(&format!("{url}/system/usage"))
+                        .header("Authorization", &auth)
+                        .header("Content-Type", "application/json")
+                        .send(&body)?;
+                    let body: serde_json::Value = r.body_mut().read_json()?;
+                    accepted += body["accepted"].as_u64().context("accepted")?;
+                    seq += 1;
+                    next += period;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                Ok(accepted)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for s in senders {
+        total += s.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    }
+    Ok(total)
+}
+
+fn rfc3339_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+struct Stats {
+    rows: u64,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// Waits (at most 3 minutes) until `want` rows of `source` that started `since` or later
+/// are committed, then measures them.
+fn wait_rows(pg: &TempPg, source: &str, since: &str, want: u64) -> Result<Stats> {
+    let rows = format!("function_usage where source = '{source}' and started >= '{since}'");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let n: u64 = pg.query(&format!("select count(*) from {rows}"))?.parse()?;
+        if n >= want {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{n} of {want} {source} events committed after 3 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lag = "extract(epoch from received_at - (started + duration_ns / 1000 * interval '1 microsecond'))";
+    let row = pg.query(&format!(
+        "select count(*), \
+           count(*) / extract(epoch from max(received_at) - min(started)), \
+           percentile_cont(0.5) within group (order by {lag}), \
+           percentile_cont(0.99) within group (order by {lag}), max({lag}) \
+         from {rows}"
+    ))?;
+    let f: Vec<&str> = row.split('|').collect();
+    let num = |i: usize| -> Result<f64> {
+        f.get(i)
+            .context("short row")?
+            .parse::<f64>()
+            .context("number")
+    };
+    Ok(Stats {
+        rows: num(0)? as u64,
+        rate: num(1)?,
+        p50: num(2)?,
+        p99: num(3)?,
+        max: num(4)?,
+    })
+}
+
+fn produced(http: &ureq::Agent, url: &str) -> Result<u64> {
+    Ok(metric(
+        http,
+        url,
+        "gateway_metering_events_total{stage=\"produced\"}",
+    )? as u64)
+}
+
+fn metric(http: &ureq::Agent, url: &str, series: &str) -> Result<f64> {
+    let text = http
+        .get(&format!("{url}/metrics"))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+fn wait_for_receiver(http: &ureq::Agent, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if http
+            .get(&format!("http://127.0.0.1:{port}/"))
+            .call()
+            .is_ok()
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("billing-receiver did not answer on port {port}")
+}
+
+/// A throwaway PostgreSQL 15 cluster (default durability: fsync and synchronous commit on)
+/// owned by `postgres`, on a free loopback port; stopped on drop.
+struct TempPg {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl TempPg {
+    fn start(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        run_cmd(Command::new("chown").args(["postgres:postgres"]).arg(dir))?;
+        let data = dir.join("data");
+        as_postgres(
+            "initdb",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        )
+        .map(|_| ())?;
+        let port = wrk::free_port()?;
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1",
+            dir.display()
+        );
+        as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-o",
+                &opts,
+                "-l",
+                &dir.join("log").display().to_string(),
+                "-w",
+                "start",
+            ],
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            port,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// One query's result, unaligned (`|` between fields).
+    fn query(&self, sql: &str) -> Result<String> {
+        let out = Command::new("psql")
+            .args([&self.url(), "-At", "-c", sql])
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("psql {sql}: {}", out.status);
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+}
+
+impl Drop for TempPg {
+    fn drop(&mut self) {
+        let data = self.dir.join("data").display().to_string();
+        let _ = as_postgres("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+fn as_postgres(tool: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(Path::new(PG_BIN).join(tool))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
