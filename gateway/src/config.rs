@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(long, env = "secret_mount_path")]
     pub secret_mount_path: Option<PathBuf>,
 
+    /// Extra CA certificates (PEM) trusted for https webhooks and callbacks, besides the
+    /// system's roots.
+    #[arg(long, env = "TALLY_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+
     /// Default namespace of functions.
     #[arg(long, env = "function_namespace", default_value = "openfaas-fn")]
     pub function_namespace: Namespace,

@@ -35,6 +35,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub credentials: Option<Credentials>,
     pub client: proxy::http::HttpClient,
+    /// For URLs users configure (webhooks, callbacks): http or verified https.
+    pub outbound: http::outbound::OutboundClient,
     /// Turns true when the gateway starts shutting down (ends log follows, ...).
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Turns true when everything else has stopped (then the embedded NATS stops).
@@ -190,6 +192,10 @@ pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSou
         let (c, generated) = Credentials::load_or_generate(&dir)?;
         (Some(c), Some(CredentialSource { dir, generated }))
     };
+    http::outbound::load_roots(config.tls_ca_file.as_deref())
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let outbound = http::outbound::client(std::time::Duration::from_secs(30))
+        .map_err(|e| StartError::Config(e.to_string()))?;
     let provider: Arc<dyn Provider> = match config.provider {
         ProviderKind::Local => Arc::new(
             LocalProvider::start(LocalOptions {
@@ -209,6 +215,7 @@ pub async fn build(config: Config) -> Result<(Arc<Gateway>, Option<CredentialSou
         metrics: Metrics::new(),
         credentials,
         client: proxy::http::client(),
+        outbound,
         stopping: tokio::sync::watch::channel(false).0,
         finished: tokio::sync::watch::channel(false).0,
         queue: OnceLock::new(),

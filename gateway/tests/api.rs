@@ -471,10 +471,17 @@ async fn usage_ingest_keeps_valid_events_and_counts_the_rest() {
             "memory_peak_bytes": 1048576, "memory_limit_bytes": null, "source": "kernel"
         })
     };
+    let mut negative = event("d", 0);
+    negative["duration_ns"] = json!(-5);
+    let mut overflowing = event("e", 0);
+    overflowing["duration_ns"] = json!(1e30);
     let batch = json!([
         event("a", 1_500_000),
         event("b", u64::MAX),
-        event("c", 2_000_000)
+        event("c", 2_000_000),
+        negative,
+        overflowing,
+        "garbage"
     ]);
     let r = gw
         .auth(gw.http.post(gw.url("/system/usage")))
@@ -491,6 +498,27 @@ async fn usage_ingest_keeps_valid_events_and_counts_the_rest() {
             .as_str()
             .unwrap()
             .contains("7 days")
+    );
+    let errors: Vec<(u64, String)> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["index"].as_u64().unwrap(),
+                r["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert_eq!((errors[1].0, errors[2].0, errors[3].0), (3, 4, 5));
+    assert!(
+        errors[1].1.contains("duration_ns"),
+        "names the field: {errors:?}"
+    );
+    assert!(
+        errors[2].1.contains("duration_ns"),
+        "names the field: {errors:?}"
     );
     let kept: Vec<Value> = gw
         .get_sys("/system/usage?function=env")
@@ -515,7 +543,7 @@ async fn usage_ingest_keeps_valid_events_and_counts_the_rest() {
         metric(&m, "gateway_usage_events_total{source=\"kernel\"}"),
         Some(2.0)
     );
-    assert_eq!(metric(&m, "gateway_usage_events_rejected_total"), Some(1.0));
+    assert_eq!(metric(&m, "gateway_usage_events_rejected_total"), Some(4.0));
     let r = gw
         .auth(gw.http.post(gw.url("/system/usage")))
         .body("{\"not\":\"a list\"}")

@@ -140,13 +140,12 @@ async fn idle_functions_go_to_zero_and_come_back() {
     );
     assert_eq!(gw.describe("sleepy").await["replicas"], 1);
     let m = gw.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "gateway_autoscaler_decisions_total{direction=\"down\",function_name=\"sleepy.openfaas-fn\",reason=\"idle\"}"
-        ),
-        Some(1.0)
+    // At least the one above; a loaded machine may let the next idle second pass too.
+    let downs = metric(
+        &m,
+        "gateway_autoscaler_decisions_total{direction=\"down\",function_name=\"sleepy.openfaas-fn\",reason=\"idle\"}",
     );
+    assert!(downs.is_some_and(|d| d >= 1.0), "{downs:?}");
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 pub mod body;
 mod enqueue;
 pub(crate) mod invoke;
+pub mod outbound;
 mod router;
 pub mod server;
 mod system;

@@ -324,13 +324,18 @@ async fn ingest_usage(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
     let bytes = read_limited(req.into_body(), 16 << 20, gw.config.read_timeout).await?;
-    let events: Vec<crate::metering::UsageEvent> = parse_json(&bytes)?;
+    // Each event on its own: one absurd event (a negative duration, say) is refused and
+    // counted without refusing the rest of its batch.
+    let events: Vec<Box<serde_json::value::RawValue>> = parse_json(&bytes)?;
     let mut rejected = Vec::new();
     let mut accepted = Vec::with_capacity(events.len());
-    for (i, e) in events.into_iter().enumerate() {
-        match e.problem() {
-            None => accepted.push(e),
-            Some(why) => {
+    for (i, raw) in events.into_iter().enumerate() {
+        let parsed = parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|e| e.problem().map_or(Ok(e), Err));
+        match parsed {
+            Ok(e) => accepted.push(e),
+            Err(why) => {
                 tracing::warn!(index = i, "usage event refused: {why}");
                 rejected.push(serde_json::json!({"index": i, "error": why}));
             }

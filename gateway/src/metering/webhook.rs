@@ -18,10 +18,7 @@ use crate::Gateway;
 
 const CONSUMER: &str = "tally_event_worker";
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
+type Client = crate::http::outbound::OutboundClient;
 
 enum Outcome {
     Delivered,
@@ -95,10 +92,7 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build_http();
+    let client: Client = weak.upgrade().ok_or("gateway gone")?.outbound.clone();
     loop {
         while inflight.try_join_next().is_some() {}
         let slot = tokio::select! {

@@ -23,16 +23,7 @@ pub struct Callback<'a> {
     pub body: Bytes,
 }
 
-pub type CallbackClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
-pub fn client() -> CallbackClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build_http()
-}
+pub use crate::http::outbound::OutboundClient as CallbackClient;
 
 /// Delivers `cb`, retrying connection failures, timeouts, 429 and 5xx up to `attempts`
 /// times (200 ms, 400 ms, ... at most 5 s apart).
@@ -73,9 +64,6 @@ pub async fn deliver(
 
 async fn post(client: &CallbackClient, cb: &Callback<'_>) -> Result<u16, String> {
     let uri: http::Uri = cb.url.parse().map_err(|e| format!("callback URL: {e}"))?;
-    if uri.scheme_str() == Some("https") {
-        return Err("https callbacks are not supported by this build (no TLS client)".into());
-    }
     let mut req = Request::post(uri);
     let h = req.headers_mut().ok_or("invalid callback request")?;
     for (k, v) in cb.headers {

@@ -49,7 +49,7 @@ impl QueueWorker {
         let worker = Arc::new(Self {
             queue,
             running: Mutex::default(),
-            callbacks: callback::client(),
+            callbacks: gw.outbound.clone(),
             gateway: Arc::downgrade(gw),
             invoker: Invoker::for_gateway(gw),
         });
