@@ -194,6 +194,12 @@ pub struct MeteringConfig {
     #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub webhook_timeout: Duration,
 
+    /// How long a fetched batch stays leased to an event-worker without news before
+    /// JetStream redelivers it (to another worker, after a crash); at least twice
+    /// --webhook-timeout. Set when the consumer is first created.
+    #[arg(long, env = "TALLY_WEBHOOK_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub webhook_ack_wait: Duration,
+
     /// Longest wait between retries while the receiver is down or answers 5xx.
     #[arg(long, env = "TALLY_WEBHOOK_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
     pub webhook_max_backoff: Duration,

@@ -1,7 +1,13 @@
 //! Fixtures for the end-to-end tests in `tests/tests/`: running the project's own
-//! commands (`cargo xtask ...`) from the workspace root and reading what they print, and
-//! (`stack`) a real gateway and node agent as processes.
+//! commands (`cargo xtask ...`) from the workspace root and reading what they print,
+//! (`stack`) a real gateway and node agent as processes, and for the exactly-once billing
+//! run (`billing`) PostgreSQL, the billing receiver and NATS as processes, (`faults`) a
+//! switchable fault proxy in front of the receiver and (`load`) a paced invocation load.
 
+pub mod billing;
+pub mod faults;
+pub mod load;
+pub mod postgres;
 pub mod stack;
 
 use std::io::{BufRead, BufReader};

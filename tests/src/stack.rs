@@ -27,21 +27,29 @@ pub fn can_meter(test: &str) -> bool {
     true
 }
 
-/// Builds the gateway and the agent (debug) once per test process; their paths.
+/// Builds the gateway and the agent once per test process; their paths. Debug builds,
+/// unless `TALLY_E2E_RELEASE=1` asks for optimized ones (load tests: a debug gateway is
+/// several times slower than the release one).
 pub fn binaries() -> (PathBuf, PathBuf) {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let release = std::env::var("TALLY_E2E_RELEASE").is_ok_and(|v| v == "1");
     BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "gateway", "-p", "agent"])
-            .current_dir(root())
-            .status()
-            .expect("run cargo build");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "gateway", "-p", "agent"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.current_dir(root()).status().expect("run cargo build");
         assert!(
             status.success(),
             "building the gateway and the agent failed"
         );
     });
-    let bin = root().join("target/debug");
+    let bin = root().join(if release {
+        "target/release"
+    } else {
+        "target/debug"
+    });
     (bin.join("gateway"), bin.join("agent"))
 }
 
@@ -61,11 +69,18 @@ pub struct Gateway {
     pub data: tempfile::TempDir,
     pub cgroup_parent: String,
     pub auth: String,
+    /// Further flags given at every (re)start.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Gateway {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts with further flags (kept for restarts), e.g. `--nats-url`.
+    pub fn start_with(name: &str, extra_args: &[String]) -> Self {
         let data = tempfile::Builder::new()
             .prefix("tally-e2e-gw-")
             .tempdir()
@@ -81,6 +96,7 @@ impl Gateway {
             data,
             cgroup_parent: format!("tally-e2e-{name}-{}", std::process::id()),
             auth: String::new(),
+            extra_args: extra_args.to_vec(),
             child: None,
         };
         gw.spawn();
@@ -94,6 +110,7 @@ impl Gateway {
             .args(["--listen", &self.listen, "--data-dir"])
             .arg(self.data.path())
             .args(["--cgroup-parent", &self.cgroup_parent])
+            .args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -277,6 +294,11 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with `extra` flags and waits until its programs are attached.
     pub fn start(gateway: &Gateway, extra: &[&str]) -> Self {
+        Self::start_polling(gateway, 200, extra)
+    }
+
+    /// [`start`](Self::start), polling the gateway's replica list every `poll_ms`.
+    pub fn start_polling(gateway: &Gateway, poll_ms: u64, extra: &[&str]) -> Self {
         let (_, agent) = binaries();
         let spool = tempfile::Builder::new()
             .prefix("tally-e2e-spool-")
@@ -293,7 +315,7 @@ impl Agent {
             .arg(gateway.secrets())
             .arg("--spool-dir")
             .arg(spool.path())
-            .args(["--poll-interval-ms", "200"])
+            .args(["--poll-interval-ms", &poll_ms.to_string()])
             .args(extra)
             // Not the warning at each failed replica poll (every 200 ms in an outage).
             .env("RUST_LOG", "warn,agent::run=error")

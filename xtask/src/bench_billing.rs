@@ -5,17 +5,18 @@
 //! rate (as node agents do), then real sync invocations driven by wrk. Lag is each row's
 //! `received_at` (its transaction's time) minus the end of its invocation.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
+use tally_e2e::postgres::{Durability, Postgres};
+
 use crate::bench::{Guard, agent, start_gateway};
 use crate::{root, run_cmd, wrk};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// Events per `/system/usage` POST (what an agent sends at most per batch, roughly).
 const POST_EVENTS: usize = 500;
 const SENDERS: usize = 4;
@@ -37,7 +38,7 @@ pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("gateway/functions"))?;
     let _cleanup = RemoveDir(work.clone());
-    let pg = TempPg::start(&work.join("pg"))?;
+    let pg = Postgres::start_with(Durability::Default);
     let db = pg.url();
     let secret = work.join("webhook-secret");
     std::fs::write(&secret, "bench-billing-secret\n")?;
@@ -183,11 +184,14 @@ struct Stats {
 
 /// Waits (at most 3 minutes) until `want` rows of `source` that started `since` or later
 /// are committed, then measures them.
-fn wait_rows(pg: &TempPg, source: &str, since: &str, want: u64) -> Result<Stats> {
+fn wait_rows(pg: &Postgres, source: &str, since: &str, want: u64) -> Result<Stats> {
     let rows = format!("function_usage where source = '{source}' and started >= '{since}'");
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let n: u64 = pg.query(&format!("select count(*) from {rows}"))?.parse()?;
+        let n: u64 = pg
+            .query(&format!("select count(*) from {rows}"))
+            .trim()
+            .parse()?;
         if n >= want {
             break;
         }
@@ -203,8 +207,8 @@ fn wait_rows(pg: &TempPg, source: &str, since: &str, want: u64) -> Result<Stats>
            percentile_cont(0.5) within group (order by {lag}), \
            percentile_cont(0.99) within group (order by {lag}), max({lag}) \
          from {rows}"
-    ))?;
-    let f: Vec<&str> = row.split('|').collect();
+    ));
+    let f: Vec<&str> = row.trim().split('\t').collect();
     let num = |i: usize| -> Result<f64> {
         f.get(i)
             .context("short row")?
@@ -253,95 +257,6 @@ fn wait_for_receiver(http: &ureq::Agent, port: u16) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("billing-receiver did not answer on port {port}")
-}
-
-/// A throwaway PostgreSQL 15 cluster (default durability: fsync and synchronous commit on)
-/// owned by `postgres`, on a free loopback port; stopped on drop.
-struct TempPg {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl TempPg {
-    fn start(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        run_cmd(Command::new("chown").args(["postgres:postgres"]).arg(dir))?;
-        let data = dir.join("data");
-        as_postgres(
-            "initdb",
-            &[
-                "-D",
-                &data.display().to_string(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-            ],
-        )
-        .map(|_| ())?;
-        let port = wrk::free_port()?;
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1",
-            dir.display()
-        );
-        as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                &data.display().to_string(),
-                "-o",
-                &opts,
-                "-l",
-                &dir.join("log").display().to_string(),
-                "-w",
-                "start",
-            ],
-        )?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            port,
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// One query's result, unaligned (`|` between fields).
-    fn query(&self, sql: &str) -> Result<String> {
-        let out = Command::new("psql")
-            .args([&self.url(), "-At", "-c", sql])
-            .stderr(Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            bail!("psql {sql}: {}", out.status);
-        }
-        Ok(String::from_utf8(out.stdout)?.trim().to_string())
-    }
-}
-
-impl Drop for TempPg {
-    fn drop(&mut self) {
-        let data = self.dir.join("data").display().to_string();
-        let _ = as_postgres("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
-    }
-}
-
-fn as_postgres(tool: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(Path::new(PG_BIN).join(tool))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {tool}"))?;
-    if !out.status.success() {
-        bail!(
-            "{tool} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 struct RemoveDir(PathBuf);

@@ -83,7 +83,7 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
             pull::Config {
                 durable_name: Some(CONSUMER.into()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
+                ack_wait: cfg.webhook_ack_wait.max(cfg.webhook_timeout * 2),
                 max_deliver: -1,
                 max_ack_pending: 10_000,
                 ..Default::default()

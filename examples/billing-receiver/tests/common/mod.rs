@@ -3,9 +3,6 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::net::SocketAddr;
-use std::os::unix::fs::chown;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use billing_receiver::db::{self, Pool};
@@ -16,88 +13,17 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-/// A PostgreSQL cluster in a temp dir owned by `postgres`, listening on 127.0.0.1:`port`.
-pub struct TestPg {
-    dir: tempfile::TempDir,
-    pub port: u16,
-}
+/// A PostgreSQL cluster (the shared fixture of `tally-e2e`), plus a pool onto it.
+pub struct TestPg(tally_e2e::postgres::Postgres);
 
 impl TestPg {
     /// Returns `None` (and says why) when PostgreSQL 15 is not installed.
     pub fn start() -> Option<Self> {
-        if !Path::new(PG_BIN).join("initdb").exists() {
-            eprintln!("SKIP: {PG_BIN}/initdb not found (apt-get install postgresql)");
+        if let Some(why) = tally_e2e::postgres::missing() {
+            eprintln!("SKIP: {why}");
             return None;
         }
-        let dir = tempfile::Builder::new()
-            .prefix("billing-pg-")
-            .tempdir()
-            .expect("create temp dir");
-        let pg_uid = uid_of("postgres");
-        chown(dir.path(), Some(pg_uid.0), Some(pg_uid.1)).expect("chown temp dir to postgres");
-        let data = dir.path().join("data");
-        run_as_postgres(
-            "initdb",
-            &[
-                "-D",
-                path(&data),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-N",
-                "-E",
-                "UTF8",
-            ],
-        );
-        let port = free_port();
-        let pg = Self { dir, port };
-        pg.start_server();
-        Some(pg)
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    /// Starts (or restarts after `stop`) the server on the same port; waits until ready.
-    pub fn start_server(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("server.log");
-        run_as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                path(&self.data()),
-                "-o",
-                &opts,
-                "-l",
-                path(&log),
-                "-w",
-                "-t",
-                "30",
-                "start",
-            ],
-        );
-    }
-
-    /// Fast shutdown: terminates sessions, like a PostgreSQL restart in production.
-    pub fn stop_server(&self) {
-        run_as_postgres(
-            "pg_ctl",
-            &["-D", path(&self.data()), "-m", "fast", "-w", "stop"],
-        );
-    }
-
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        Some(Self(tally_e2e::postgres::Postgres::start()))
     }
 
     /// A fresh pool for direct queries from the test.
@@ -106,58 +32,11 @@ impl TestPg {
     }
 }
 
-impl Drop for TestPg {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(Path::new(PG_BIN).join("pg_ctl"))
-            .args(["-D", path(&self.data()), "-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        // TempDir removes the directory (we are root, so ownership does not matter).
+impl std::ops::Deref for TestPg {
+    type Target = tally_e2e::postgres::Postgres;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn run_as_postgres(tool: &str, args: &[&str]) {
-    let out = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(Path::new(PG_BIN).join(tool))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn uid_of(user: &str) -> (u32, u32) {
-    let id = |flag: &str| -> u32 {
-        let out = Command::new("id")
-            .args([flag, user])
-            .output()
-            .expect("run id");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("id {flag} {user}"))
-    };
-    (id("-u"), id("-g"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("pick a free port")
 }
 
 /// The receiver running in this process on 127.0.0.1:0.
