@@ -27,6 +27,8 @@ pub mod stat {
     pub const PROCESS_MAP_FULL: u32 = 3;
     pub const MM_MAP_FULL: u32 = 4;
     pub const CGROUP_MEM_MAP_FULL: u32 = 5;
+    pub const WATCHED_MAP_FULL: u32 = 6;
+    pub const CGROUP_RINGBUF_FULL: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -111,6 +113,20 @@ pub struct HttpRecord {
     pub head: [u8; HEAD_LEN],
 }
 
+/// A replica cgroup the kernel began watching by itself: the first exec in a new child of a
+/// function's cgroup (a replica that just started), so it is metered before user space knew.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NewCgroup {
+    /// The replica's cgroup v2 id, now in the watched map.
+    pub cgroup_id: u64,
+    /// Its parent: the function's cgroup, as user space registered it.
+    pub function_cgroup_id: u64,
+    /// `mode::FORK` or `mode::HTTP`, from the function.
+    pub mode: u32,
+    pub _pad: u32,
+}
+
 /// Resident-set counters of one address space (`mm_id`), as `kmem:rss_stat` reports them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -142,4 +158,6 @@ mod pod {
     unsafe impl aya::Pod for super::MmState {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::CgroupMem {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::NewCgroup {}
 }

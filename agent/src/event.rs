@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 /// One invocation of one function replica.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageEvent {
+    /// This event's own id (UUID v4), made once when the agent builds the event and kept with
+    /// it in the spool: every resend carries the same id, so the gateway bills it once.
+    /// (Segments spooled by an agent older than ids get one when read back.)
+    #[serde(default = "new_id")]
+    pub id: String,
     /// `X-Call-Id` of the request (http) or `Http_X_Call_Id` of the process (fork); `None`
     /// when the invocation carried none.
     pub call_id: Option<String>,
@@ -29,4 +34,9 @@ pub struct UsageEvent {
     pub exit_code: Option<i32>,
     /// Always `"kernel"`; the gateway's own events say `"gateway"`.
     pub source: String,
+}
+
+/// A fresh event id: a random (v4) UUID.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }

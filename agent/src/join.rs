@@ -126,6 +126,7 @@ impl Joiner {
             .map_or((0, 0), |p| (p.peak, p.cpu_ns));
         let cpu = r.cpu_ns + child_cpu;
         Ok(UsageEvent {
+            id: crate::event::new_id(),
             call_id,
             namespace: info.namespace,
             function_name: info.function,
@@ -149,6 +150,7 @@ impl Joiner {
             .ok_or(Skip::UnknownCgroup(r.cgroup_id))?;
         let head_len = (r.head_len as usize).min(r.head.len());
         Ok(UsageEvent {
+            id: crate::event::new_id(),
             call_id: records::call_id_from_head(&r.head[..head_len]),
             namespace: info.namespace,
             function_name: info.function,
@@ -228,6 +230,18 @@ mod tests {
             .process(&proc_record(0, "c1", 500, 0))
             .expect("root event");
         assert_eq!((ev.memory_peak_bytes, ev.cpu_ns), (500, None));
+    }
+
+    #[test]
+    fn each_event_gets_its_own_v4_id() {
+        let mut j = joiner();
+        let a = j.process(&proc_record(0, "a", 1, 1)).expect("event");
+        let b = j.process(&proc_record(0, "a", 1, 1)).expect("event");
+        assert_ne!(a.id, b.id, "same call, two events, two ids");
+        for id in [&a.id, &b.id] {
+            let u = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(u.get_version_num(), 4, "{id}");
+        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Tally's node agent: meters every function invocation in the kernel (eBPF tracepoints),
 //! joins the kernel's records into usage events, and forwards them to the gateway.
 //!
-//! Data flow: `workloads` (which replicas, which cgroups) → `loader` (programs attached,
-//! cgroup map) → kernel records → `join` → `event::UsageEvent` → `forward` (gateway) and
+//! Data flow: `workloads` (which replicas, which cgroups) → `replicas` (the kernel's cgroup
+//! maps) and `loader` (programs attached) → kernel records → `join` → `event::UsageEvent` → `forward` (gateway) and
 //! `metrics`.
 
 pub mod auth;
@@ -16,6 +16,7 @@ pub mod join;
 pub mod loader;
 pub mod metrics;
 pub mod records;
+pub mod replicas;
 pub mod run;
 pub mod sys;
 pub mod workloads;

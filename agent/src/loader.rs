@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use aya_log::EbpfLogger;
 use tracing::info;
@@ -45,11 +45,16 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 /// The loaded, attached programs and the maps user space works with. Dropping it detaches
 /// every program (aya owns the links).
 pub struct Kernel {
-    /// Whether `sched_switch` (on-CPU time) is attached.
+    /// Whether on-CPU time is measured (`sched_switch` loaded, attached on demand).
     pub cpu_time: bool,
+    pub cpu_timer: CpuTimer,
     pub ebpf: Ebpf,
     pub logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pub watched: HashMap<MapData, u64, u32>,
+    /// Function cgroups (parents of replica cgroups) → mode, for discovery at exec.
+    pub functions: HashMap<MapData, u64, u32>,
+    /// Replica cgroups the kernel began watching by itself.
+    pub new_cgroups: RingBuf<MapData>,
     pub cgroup_mem: HashMap<MapData, u64, CgroupMem>,
     pub process_events: RingBuf<MapData>,
     pub http_events: RingBuf<MapData>,
@@ -94,6 +99,53 @@ pub fn check_tracepoints(tracefs: &Path) -> Result<(), Error> {
 /// the node, so it can be left out (`--cpu-time false`).
 pub const CPU_TIME_PROGRAM: &str = "tally_switch";
 
+/// The `sched_switch` program, attached only while fork-mode replicas are watched: it runs
+/// at every context switch of the node, and only fork-mode events carry `cpu_ns`, so a node
+/// serving only http-mode replicas does not pay for it.
+pub struct CpuTimer {
+    loaded: bool,
+    link: Option<TracePointLinkId>,
+}
+
+impl CpuTimer {
+    /// Attaches (`on`) or detaches the program; a no-op when it is already so, or when CPU
+    /// time is off (`--cpu-time false`: the program was never loaded).
+    pub fn set(&mut self, ebpf: &mut Ebpf, on: bool) -> Result<(), Error> {
+        if !self.loaded || on == self.link.is_some() {
+            return Ok(());
+        }
+        let name = CPU_TIME_PROGRAM;
+        let prog: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(Error::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        match self.link.take() {
+            Some(link) => {
+                prog.detach(link)
+                    .map_err(|source| Error::Program { name, source })?;
+                info!("no fork-mode replica: sched_switch detached");
+            }
+            None => {
+                self.link = Some(
+                    prog.attach("sched", "sched_switch")
+                        .map_err(|source| Error::Program { name, source })?,
+                );
+                info!("fork-mode replicas watched: sched_switch attached (cpu_ns)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `sched_switch` is attached right now.
+    pub fn attached(&self) -> bool {
+        self.link.is_some()
+    }
+}
+
 /// [`load_with`] with CPU-time tracking on.
 pub fn load() -> Result<Kernel, Error> {
     load_with(true)
@@ -123,6 +175,7 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
         if name == CPU_TIME_PROGRAM && !cpu_time {
             continue;
         }
+        let on_demand = name == CPU_TIME_PROGRAM;
         let prog: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or(Error::Program {
@@ -133,12 +186,18 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
             .map_err(|source| Error::Program { name, source })?;
         prog.load()
             .map_err(|source| Error::Program { name, source })?;
-        prog.attach(category, tp)
-            .map_err(|source| Error::Program { name, source })?;
+        if !on_demand {
+            prog.attach(category, tp)
+                .map_err(|source| Error::Program { name, source })?;
+        }
     }
-    let attached = PROGRAMS.len() - usize::from(!cpu_time);
-    info!(programs = attached, cpu_time, "eBPF programs attached");
+    info!(
+        programs = PROGRAMS.len() - 1,
+        cpu_time, "eBPF programs attached (sched_switch: while fork-mode replicas are watched)"
+    );
     let watched = HashMap::try_from(take(&mut ebpf, "WATCHED")?)?;
+    let functions = HashMap::try_from(take(&mut ebpf, "FUNCTIONS")?)?;
+    let new_cgroups = RingBuf::try_from(take(&mut ebpf, "NEW_CGROUPS")?)?;
     let cgroup_mem = HashMap::try_from(take(&mut ebpf, "CGROUP_MEM")?)?;
     let process_events = RingBuf::try_from(take(&mut ebpf, "PROCESS_EVENTS")?)?;
     let http_events = RingBuf::try_from(take(&mut ebpf, "HTTP_EVENTS")?)?;
@@ -148,9 +207,15 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
     let exited = HashMap::try_from(take(&mut ebpf, "EXITED")?)?;
     Ok(Kernel {
         cpu_time,
+        cpu_timer: CpuTimer {
+            loaded: cpu_time,
+            link: None,
+        },
         ebpf,
         logger,
         watched,
+        functions,
+        new_cgroups,
         cgroup_mem,
         process_events,
         http_events,

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub events_dropped: IntCounterVec,
     pub kernel_drops: IntCounterVec,
     pub unmatched_records: IntCounter,
+    pub replicas_discovered: IntCounter,
     pub bpf_run_time: GaugeVec,
     pub bpf_run_count: GaugeVec,
 }
@@ -83,6 +84,10 @@ impl Metrics {
             "tally_agent_unmatched_records_total",
             "Kernel records from cgroups no known replica owns",
         )?;
+        let replicas_discovered = IntCounter::new(
+            "tally_agent_replicas_discovered_total",
+            "Replica cgroups the kernel began watching at their first exec, before the workload source listed them",
+        )?;
         let bpf_run_time = GaugeVec::new(
             Opts::new(
                 "tally_agent_bpf_run_time_seconds",
@@ -104,6 +109,7 @@ impl Metrics {
         registry.register(Box::new(events_dropped.clone()))?;
         registry.register(Box::new(kernel_drops.clone()))?;
         registry.register(Box::new(unmatched_records.clone()))?;
+        registry.register(Box::new(replicas_discovered.clone()))?;
         registry.register(Box::new(bpf_run_time.clone()))?;
         registry.register(Box::new(bpf_run_count.clone()))?;
         Ok(Self {
@@ -118,6 +124,7 @@ impl Metrics {
             events_dropped,
             kernel_drops,
             unmatched_records,
+            replicas_discovered,
             bpf_run_time,
             bpf_run_count,
         })

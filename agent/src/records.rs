@@ -2,35 +2,31 @@
 //! a status code for a fork-mode exit.
 
 /// The value of the first `X-Call-Id` header in a request head (case-insensitive name).
-/// `None` if the header is absent or cut off by the copy's length limit.
+/// `None` if the header is absent or cut off by the copy's length limit. One pass over the
+/// header lines, stopping at the blank line that ends them.
 pub fn call_id_from_head(head: &[u8]) -> Option<String> {
-    let end = find(head, b"\r\n\r\n").unwrap_or(head.len());
-    let mut lines = head[..end].split(|&b| b == b'\n');
-    lines.next(); // request line
-    let complete = end < head.len();
-    let mut lines = lines.peekable();
-    while let Some(line) = lines.next() {
-        let last = lines.peek().is_none();
+    const NAME: &[u8] = b"x-call-id:";
+    let mut rest = head;
+    let mut first = true;
+    loop {
+        // A line without its '\n' was cut by the copy: its value may be truncated.
+        let nl = rest.iter().position(|&b| b == b'\n')?;
+        let line = &rest[..nl];
+        rest = &rest[nl + 1..];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        if !line[..colon].eq_ignore_ascii_case(b"x-call-id") {
-            continue;
+        if std::mem::take(&mut first) {
+            continue; // the request line
         }
-        if last && !complete {
-            return None; // the value may be truncated
+        if line.is_empty() {
+            return None; // end of the headers
         }
-        let value = String::from_utf8_lossy(&line[colon + 1..])
-            .trim()
-            .to_owned();
-        return (!value.is_empty()).then_some(value);
+        if line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME) {
+            let value = String::from_utf8_lossy(&line[NAME.len()..])
+                .trim()
+                .to_owned();
+            return (!value.is_empty()).then_some(value);
+        }
     }
-    None
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The call id a fork-mode process carried in its environment.
@@ -67,6 +63,9 @@ mod tests {
         // Cut after the line ended: the value is complete.
         let head = b"GET / HTTP/1.1\r\nX-Call-Id: abc\r\nHost: x";
         assert_eq!(call_id_from_head(head).as_deref(), Some("abc"));
+        // Only the header block counts, not a body that looks like a header.
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\n\r\nX-Call-Id: body\r\n";
+        assert_eq!(call_id_from_head(head), None);
     }
 
     #[test]

@@ -2,24 +2,29 @@
 //! drains both ring buffers into the joiner, hands events to the sink, polls aya-log, and
 //! refreshes the kernel-side metrics — until shutdown, after a last drain.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use agent_common::{CgroupMem, HttpRecord, ProcessRecord, mode};
+use agent_common::{CgroupMem, HttpRecord, NewCgroup, ProcessRecord};
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    cgroup,
     error::Error,
     event::UsageEvent,
     forward::EventSink,
-    join::{Joiner, ReplicaInfo, Skip},
+    join::{Joiner, Skip},
     loader::Kernel,
     metrics::Metrics,
+    replicas::ReplicaMaps,
     sys,
-    workloads::{Mode, WorkloadSource},
+    workloads::WorkloadSource,
 };
+
+/// How often the ring buffers are drained without a wakeup: the kernel wakes the agent only
+/// once 64 KiB of records wait (`WAKE_AT_BYTES` in agent-ebpf), so a busy node costs a
+/// wakeup per batch, not per invocation, and a quiet one delivers within this interval.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Tunables of the main loop.
 #[derive(Clone, Debug)]
@@ -32,13 +37,15 @@ pub struct RunOptions {
     /// kernel state is swept.
     pub stats_interval: Duration,
 }
-const STAT_NAMES: [&str; 6] = [
+const STAT_NAMES: [&str; 8] = [
     "process_ringbuf_full",
     "http_ringbuf_full",
     "conn_map_full",
     "process_map_full",
     "mm_map_full",
     "cgroup_mem_map_full",
+    "watched_map_full",
+    "cgroup_ringbuf_full",
 ];
 
 /// Runs the agent on a loaded [`Kernel`] until `shutdown` turns true.
@@ -52,10 +59,13 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
 ) -> Result<(), Error> {
     let Kernel {
         cpu_time,
-        ebpf,
+        mut cpu_timer,
+        mut ebpf,
         logger,
-        mut watched,
-        mut cgroup_mem,
+        watched,
+        functions,
+        new_cgroups,
+        cgroup_mem,
         process_events,
         http_events,
         stats,
@@ -67,6 +77,8 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
     let _stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .inspect_err(|e| warn!(error = %e, "could not enable bpf_stats: no eBPF run-time metrics"))
         .ok();
+    let mut replicas = ReplicaMaps::new(watched, functions, cgroup_mem);
+    let mut new_cgroups = sys::readable(new_cgroups)?;
     let mut process_events = sys::readable(process_events)?;
     let mut http_events = sys::readable(http_events)?;
     let mut logger = match logger {
@@ -74,9 +86,10 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
         None => None,
     };
     let mut joiner = Joiner::new(sys::realtime_offset_ns()).with_cpu_time(cpu_time);
-    let mut current: HashMap<u64, Mode> = HashMap::new();
     let mut poll = tokio::time::interval(options.poll_interval);
     let mut stats_tick = tokio::time::interval(options.stats_interval);
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut syncs = 0u64;
     let emit = |ev: UsageEvent| {
         let labels = [ev.namespace.as_str(), ev.function_name.as_str()];
@@ -95,7 +108,11 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             _ = poll.tick() => {
                 match workloads.replicas().await {
                     Ok(list) => {
-                        sync(list, &mut current, &mut watched, &mut cgroup_mem, &mut joiner);
+                        replicas.sync(list, &mut joiner);
+                        // While any fork-mode function may run (scaled to zero included).
+                        if let Err(e) = cpu_timer.set(&mut ebpf, replicas.has_fork()) {
+                            warn!(error = %e, "sched_switch could not be (de)tached; cpu_ns may be missing");
+                        }
                         syncs += 1;
                         if let Some(tx) = &options.synced {
                             let _ = tx.send(syncs);
@@ -105,13 +122,26 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
                 }
                 joiner.expire();
             }
+            _ = drain_tick.tick() => {
+                drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
+                drain_processes(process_events.get_mut(), &mut joiner, &metrics, &emit);
+                drain_http(http_events.get_mut(), &mut joiner, &metrics, &emit);
+            }
+            guard = new_cgroups.readable_mut() => {
+                let mut guard = guard?;
+                drain_new(guard.get_inner_mut(), &mut replicas, &mut joiner, &metrics);
+                guard.clear_ready();
+            }
             guard = process_events.readable_mut() => {
                 let mut guard = guard?;
+                // A record may come from a replica found after the last look at NEW_CGROUPS.
+                drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
                 drain_processes(guard.get_inner_mut(), &mut joiner, &metrics, &emit);
                 guard.clear_ready();
             }
             guard = http_events.readable_mut() => {
                 let mut guard = guard?;
+                drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
                 drain_http(guard.get_inner_mut(), &mut joiner, &metrics, &emit);
                 guard.clear_ready();
             }
@@ -122,79 +152,30 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             }
             _ = stats_tick.tick() => {
                 kernel_stats(&ebpf, &stats, &metrics);
-                sweep(&mut conns, &mut procs, &exited, &mut cgroup_mem, &mut joiner, &metrics, &emit);
+                sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &metrics, &emit);
             }
             _ = shutdown.changed() => break,
         }
     }
+    drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
     drain_processes(process_events.get_mut(), &mut joiner, &metrics, &emit);
     drain_http(http_events.get_mut(), &mut joiner, &metrics, &emit);
     info!("agent stopped; eBPF programs detach now");
     Ok(())
 }
 
-/// Makes the kernel's WATCHED/CGROUP_MEM maps and the joiner match `list`.
-fn sync(
-    list: Vec<crate::workloads::Replica>,
-    current: &mut HashMap<u64, Mode>,
-    watched: &mut aya::maps::HashMap<MapData, u64, u32>,
-    cgroup_mem: &mut aya::maps::HashMap<MapData, u64, CgroupMem>,
+/// Names the replicas the kernel began watching by itself (before their records).
+fn drain_new(
+    ring: &mut RingBuf<MapData>,
+    replicas: &mut ReplicaMaps,
     joiner: &mut Joiner,
+    metrics: &Metrics,
 ) {
-    let mut want: HashMap<u64, Mode> = HashMap::new();
-    for r in list {
-        let id = match r.cgroup_id {
-            Some(id) => id,
-            None => match cgroup::cgroup_id(&r.cgroup_path) {
-                Ok(id) => id,
-                Err(e) => {
-                    warn!(replica = %r.replica, error = %e, "replica cgroup unreadable; not metered");
-                    continue;
-                }
-            },
-        };
-        let limit = r
-            .memory_limit_bytes
-            .or_else(|| cgroup::memory_limit(&r.cgroup_path, r.memory_cgroup_path.as_deref()));
-        joiner.watch(
-            id,
-            ReplicaInfo {
-                namespace: r.namespace.clone(),
-                function: r.function.clone(),
-                replica: r.replica.clone(),
-                memory_limit_bytes: limit,
-            },
-        );
-        want.insert(id, r.mode);
-    }
-    for (&id, &m) in &want {
-        if current.get(&id) == Some(&m) {
-            continue;
-        }
-        let value = match m {
-            Mode::Fork => mode::FORK,
-            Mode::Http => mode::HTTP,
-        };
-        // BPF_NOEXIST (1): a replica that changed mode keeps its memory counters.
-        let _ = cgroup_mem.insert(id, CgroupMem::default(), 1);
-        match watched.insert(id, value, 0) {
-            Ok(()) => {
-                info!(cgroup_id = id, mode = ?m, "watching replica cgroup");
-                current.insert(id, m);
-            }
-            Err(e) => warn!(cgroup_id = id, error = %e, "cgroup map full? replica not metered"),
+    while let Some(item) = ring.next() {
+        if let Some(r) = sys::decode::<NewCgroup>(&item) {
+            replicas.discovered(&r, joiner, metrics);
         }
     }
-    current.retain(|id, _| {
-        if want.contains_key(id) {
-            return true;
-        }
-        let _ = watched.remove(id);
-        let _ = cgroup_mem.remove(id);
-        joiner.unwatch(*id);
-        info!(cgroup_id = id, "replica gone; cgroup unwatched");
-        false
-    });
 }
 
 fn drain_processes(

@@ -3,12 +3,13 @@
 
 use std::{ffi::CString, io, mem, path::Path};
 
-use agent_common::{HttpRecord, ProcessRecord};
+use agent_common::{HttpRecord, NewCgroup, ProcessRecord};
 
 /// Types the kernel sends through ring buffers; any bit pattern is a valid value.
 pub trait Record: Copy {}
 impl Record for HttpRecord {}
 impl Record for ProcessRecord {}
+impl Record for NewCgroup {}
 
 /// Decodes one ring-buffer item; `None` if it is shorter than `T`.
 pub fn decode<T: Record>(bytes: &[u8]) -> Option<T> {

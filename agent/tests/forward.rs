@@ -88,6 +88,7 @@ async fn receiver(listener: TcpListener, got: Arc<Received>, auth: String) {
 
 fn event(i: usize) -> UsageEvent {
     UsageEvent {
+        id: format!("00000000-0000-4000-8000-{i:012}"),
         call_id: Some(format!("call-{i}")),
         namespace: "openfaas-fn".into(),
         function_name: "env".into(),
@@ -380,6 +381,18 @@ async fn outage_spills_to_disk_and_a_restart_sends_everything_in_order() {
         received_ids(&got),
         call_ids(0..320),
         "each exactly once, in order"
+    );
+    let sent_ids: Vec<String> = got
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(
+        sent_ids,
+        (0..320).map(|i| event(i).id).collect::<Vec<_>>(),
+        "spooled events keep the id they were made with"
     );
     assert_eq!(metrics.events_sent.get(), 320);
     assert_eq!(metrics.events_spooled.get(), 0);

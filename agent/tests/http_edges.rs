@@ -65,6 +65,14 @@ async fn response_without_length_ends_at_close() {
     assert_eq!(ev.status_code, 200);
     // The exchange ends at the last write, not at the close that revealed it.
     assert_duration("no-length", ev.duration_ns, t1 - t0);
+    // Only http-mode replicas: sched_switch (fork-mode cpu_ns) is loaded but not attached,
+    // so the node's context switches do not run it.
+    tokio::time::sleep(Duration::from_millis(700)).await; // one bpf_stats refresh
+    let text = agent.metrics.render();
+    assert!(
+        text.contains("tally_agent_bpf_run_count{program=\"tally_switch\"} 0\n"),
+        "{text}"
+    );
     agent.stop().await;
 }
 

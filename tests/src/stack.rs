@@ -27,13 +27,22 @@ pub fn can_meter(test: &str) -> bool {
     true
 }
 
+static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`binaries`] build and run optimized binaries in this test process: for load
+/// tests, where a debug gateway (several times the CPU per call) would be what is measured.
+pub fn use_release_binaries() {
+    RELEASE.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Builds the gateway and the agent once per test process; their paths. Debug builds,
-/// unless `TALLY_E2E_RELEASE=1` asks for optimized ones (load tests: a debug gateway is
-/// several times slower than the release one).
+/// unless [`use_release_binaries`] or `TALLY_E2E_RELEASE=1` asks for optimized ones.
 pub fn binaries() -> (PathBuf, PathBuf) {
-    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    let release = std::env::var("TALLY_E2E_RELEASE").is_ok_and(|v| v == "1");
-    BUILT.get_or_init(|| {
+    static BUILT: [std::sync::OnceLock<()>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let release = RELEASE.load(std::sync::atomic::Ordering::SeqCst)
+        || std::env::var("TALLY_E2E_RELEASE").is_ok_and(|v| v == "1");
+    BUILT[usize::from(release)].get_or_init(|| {
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "-p", "gateway", "-p", "agent"]);
         if release {

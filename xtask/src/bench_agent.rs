@@ -2,9 +2,11 @@
 //! detached in the same run, and the programs' kernel time per invocation.
 //!
 //! One release gateway with `hello-rust` deployed in http mode; wrk through
-//! `/function/tiny`. Three arms — no agent, the agent, the agent with `--cpu-time false`
-//! (no `sched_switch` program) — run in an order rotated every round, so drift of a busy
-//! machine falls on each; medians are reported. Kernel time comes from the agent's
+//! `/function/tiny`, the autoscaler off. Two arms — no agent, the agent — run in an order
+//! rotated every round, so drift of a busy machine falls on each; medians are reported,
+//! with the CPU time the gateway and the agent processes used per request (their
+//! `/proc/PID/stat` utime + stime over the wrk run): the gateway's share in the attached arm
+//! includes ingesting one usage event per request. Kernel time comes from the agent's
 //! `/metrics` (the kernel's `bpf_stats`, refreshed every 5 s): the growth of the programs'
 //! summed run time over an attached run, divided by the requests wrk completed. The
 //! programs run on every traced syscall of the node and return at once for unwatched
@@ -49,7 +51,15 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     let cgroup_parent = format!("tally-bench-agent-{}", std::process::id());
     // Declared before the gateway, so dropped after it: the gateway stops first.
     let _cgroups = RemoveCgroups(cgroup_parent.clone());
-    let (gateway, url, auth) = start_gateway(&bin, &data, &cgroup_parent, &[])?;
+    // The autoscaler off, as in the other benchmarks: one replica's path in every arm (with
+    // it on, the replica count would follow each arm's load and differ between them).
+    let (gateway, url, auth) = start_gateway(
+        &bin,
+        &data,
+        &cgroup_parent,
+        &["--autoscaler".into(), "off".into()],
+    )?;
+    let gateway_pid = gateway.id();
     let _gateway = Guard(gateway);
     let http = agent();
     let r = http
@@ -65,27 +75,36 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     // Warm up the gateway's pool and the function.
     wrk::run(&target, 2, connections)?;
 
-    // Arm 0: no agent; 1: the agent; 2: the agent without `sched_switch` (--cpu-time false).
-    const ARMS: [(&str, Option<&str>); 3] = [
-        ("agent detached", None),
-        ("agent attached", Some("true")),
-        ("agent attached, `--cpu-time false`", Some("false")),
-    ];
-    let mut runs: [Vec<Wrk>; 3] = Default::default();
-    let mut kernel: [Vec<KernelCost>; 3] = Default::default();
+    // Arm 0: no agent; 1: the agent with its defaults. (`sched_switch`, for fork-mode
+    // `cpu_ns`, is attached only while fork-mode functions exist: not here.)
+    const ARMS: [(&str, Option<&str>); 2] =
+        [("agent detached", None), ("agent attached", Some("true"))];
+    let mut runs: [Vec<Wrk>; 2] = Default::default();
+    let mut kernel: [Vec<KernelCost>; 2] = Default::default();
+    let mut gateway_cpu: [Vec<f64>; 2] = Default::default();
+    let mut agent_cpu: Vec<f64> = Vec::new();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         // Rotate the order each round, so a machine that drifts weighs on every arm.
         for k in 0..ARMS.len() {
             let arm = (round + k) % ARMS.len();
             let Some(cpu_time) = ARMS[arm].1 else {
-                runs[arm].push(wrk::run(&target, seconds, connections)?);
+                let g0 = cpu_ticks(gateway_pid)?;
+                let w = wrk::run(&target, seconds, connections)?;
+                gateway_cpu[arm].push(per_request_us(cpu_ticks(gateway_pid)? - g0, w.requests));
+                runs[arm].push(w);
                 continue;
             };
             let agent = Agent::start(&bin, &url, &data, &["--cpu-time", cpu_time])?;
             std::thread::sleep(STATS_REFRESH);
             let before = agent.bpf()?;
+            let (g0, a0) = (cpu_ticks(gateway_pid)?, cpu_ticks(agent.child.0.id())?);
             let w = wrk::run(&target, seconds, connections)?;
+            gateway_cpu[arm].push(per_request_us(cpu_ticks(gateway_pid)? - g0, w.requests));
+            agent_cpu.push(per_request_us(
+                cpu_ticks(agent.child.0.id())? - a0,
+                w.requests,
+            ));
             std::thread::sleep(STATS_REFRESH);
             let after = agent.bpf()?;
             let dropped = agent.metric("tally_agent_events_dropped_total")?;
@@ -140,6 +159,22 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
             println!("| `{name}` | {:.2} |", ns / 1000.0);
         }
     }
+    println!();
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        wrk::percentile(v, 0.5)
+    };
+    println!("| CPU per request (median) | gateway process | agent process |");
+    println!("|---|---|---|");
+    println!(
+        "| agent detached | {:.1} µs | – |",
+        med(&mut gateway_cpu[0])
+    );
+    println!(
+        "| agent attached | {:.1} µs | {:.1} µs |",
+        med(&mut gateway_cpu[1]),
+        med(&mut agent_cpu)
+    );
     println!();
     println!("target: attached ≥ 97% of detached");
     Ok(())
@@ -273,7 +308,23 @@ impl Drop for Agent {
     }
 }
 
-/// Kills the child on drop, so a failed benchmark leaves nothing running.
+/// utime + stime of process `pid` so far, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field =
+        |i: usize| -> Result<u64> { Ok(f.get(i).context("short /proc/PID/stat")?.parse()?) };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Clock ticks (10 ms each) spread over `requests`, in µs per request.
+fn per_request_us(ticks: u64, requests: u64) -> f64 {
+    ticks as f64 * 10_000.0 / requests.max(1) as f64
+}
+
+/// Removes the data directory on drop.
 struct RemoveDir(PathBuf);
 
 impl Drop for RemoveDir {

@@ -6,11 +6,11 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 
-use super::{count, now, proc_entry, watched};
+use super::{count, now, proc_entry, watched_or_discover};
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn tally_exec(ctx: TracePointContext) -> u32 {
-    let Some((cgroup_id, m)) = watched() else {
+    let Some((cgroup_id, m)) = watched_or_discover(&ctx) else {
         return 0;
     };
     if m != mode::FORK {

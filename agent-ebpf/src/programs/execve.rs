@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use super::{count, proc_entry, watched};
+use super::{count, proc_entry, watched_or_discover};
 
 /// Offset of `envp` in the tracepoint record (see its `format` file).
 const ENVP: usize = 32;
@@ -17,7 +17,9 @@ const MAX_ENV: usize = 128;
 
 #[tracepoint(category = "syscalls", name = "sys_enter_execve")]
 pub fn tally_execve(ctx: TracePointContext) -> u32 {
-    let Some((_, m)) = watched() else { return 0 };
+    let Some((_, m)) = watched_or_discover(&ctx) else {
+        return 0;
+    };
     if m != mode::FORK {
         return 0;
     }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 
-use super::{EXITED, MMS, PROCESS_EVENTS, PROCS, count, now, watched};
+use super::{EXITED, MMS, PROCESS_EVENTS, PROCS, count, now, wakeup_flags, watched};
 
 /// Offsets in the tracepoint record (see its `format` file).
 const PID: usize = 24;
@@ -45,7 +45,10 @@ pub fn tally_exit(ctx: TracePointContext) -> u32 {
         if let Some(mm) = MMS.get((*p).mm_id) {
             (*p).peak_rss_bytes = mm.peak;
         }
-        if PROCESS_EVENTS.output::<ProcessRecord>(&*p, 0).is_err() {
+        if PROCESS_EVENTS
+            .output::<ProcessRecord>(&*p, wakeup_flags(&PROCESS_EVENTS))
+            .is_err()
+        {
             count(&ctx, stat::PROCESS_RINGBUF_FULL);
         }
     }

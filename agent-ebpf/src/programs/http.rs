@@ -3,14 +3,14 @@
 //! and ends when its length is reached, at a chunked terminator, or at the next request/close.
 
 use agent_common::{HEAD_LEN, HttpRecord, conn, end, stat};
-use core::ptr::{read_volatile, write_volatile};
+use core::ptr::{read_unaligned, read_volatile, write_volatile};
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw},
     programs::TracePointContext,
 };
 
-use super::{CGROUP_MEM, HTTP_EVENTS, SCAN_LEN, SCRATCH, count, now};
+use super::{CGROUP_MEM, HTTP_EVENTS, SCAN_LEN, SCRATCH, Scratch, count, now, wakeup_flags};
 
 /// Method tokens (first four bytes) that begin an HTTP/1.x request line.
 const METHODS: [[u8; 4]; 9] = [
@@ -131,11 +131,49 @@ pub fn on_write(
     }
 }
 
+/// Eight copies of a byte, for word-at-a-time (SWAR) searches.
+const fn splat(b: u8) -> u64 {
+    0x0101_0101_0101_0101 * b as u64
+}
+/// Header names as little-endian words, lower case (`| 0x20` folds ASCII letters and leaves
+/// `-` and `:` as they are).
+const CONTENT_: u64 = u64::from_le_bytes(*b"content-");
+const LENGTH: u64 = u64::from_le_bytes(*b"length:\0");
+const TRANSFER: u64 = u64::from_le_bytes(*b"transfer");
+const ENCODIN: u64 = u64::from_le_bytes(*b"-encodin");
+const LOWER: u64 = splat(0x20);
+
+/// Handles the line that begins at `s` (just after a `\n` at `s - 1`): the blank line ends
+/// the header block; `Content-Length:` and `Transfer-Encoding:` are noted. Returns true at
+/// the header end.
+#[inline(always)]
+unsafe fn header_line(sc: *mut Scratch, c: *mut HttpRecord, s: usize) -> bool {
+    let s = s & (SCAN_LEN - 1);
+    // SAFETY: `s < SCAN_LEN` and the buffer has 32 bytes beyond SCAN_LEN: both 8-byte loads
+    // are in bounds; unaligned reads of plain bytes.
+    unsafe {
+        let p = (*sc).buf.as_ptr().add(s);
+        if *p == b'\r' {
+            write_volatile(&mut (*sc).header_end, (s + 2) as u64);
+            return true;
+        }
+        let w1 = read_unaligned(p.cast::<u64>()) | LOWER;
+        let w2 = read_unaligned(p.add(8).cast::<u64>()) | LOWER;
+        if w1 == CONTENT_ && w2 & 0x00ff_ffff_ffff_ffff == LENGTH {
+            write_volatile(&mut (*sc).length_at, (s + 15) as u64);
+        } else if w1 == TRANSFER && w2 == ENCODIN {
+            write_volatile(&mut (*c).chunked, 1);
+        }
+    }
+    false
+}
+
 /// Finds the header end, `Content-Length` and `Transfer-Encoding` in a response's first bytes.
 ///
-/// Written for the verifier: the scan loop keeps its findings in map memory (volatile
-/// stores), so the states of successive iterations differ only in the index and stay few;
-/// the number itself is parsed once after the loop.
+/// Eight bytes at a time: a word without a `\n` (most of them) costs a handful of
+/// instructions; only line starts are looked at. Written for the verifier: findings go to
+/// map memory (volatile stores), so the states of successive iterations differ only in the
+/// index and stay few; the number itself is parsed once after the loop.
 #[inline(always)]
 unsafe fn scan_headers(c: *mut HttpRecord, seg: u64, len: u64) {
     let Some(sc) = SCRATCH.get_ptr_mut(0) else {
@@ -148,42 +186,43 @@ unsafe fn scan_headers(c: *mut HttpRecord, seg: u64, len: u64) {
     };
     // SAFETY: the scratch slot is this CPU's; user memory is read through the helper.
     unsafe {
-        let buf = &mut (*sc).buf;
-        if read_user_raw(buf.as_mut_ptr().cast(), SCAN_LEN as u32, seg as *const _) < 0
-            && read_user_raw(
-                buf.as_mut_ptr().cast(),
-                (n & (SCAN_LEN - 1)) as u32,
-                seg as *const _,
-            ) < 0
+        let buf = (*sc).buf.as_mut_ptr();
+        if read_user_raw(buf.cast(), SCAN_LEN as u32, seg as *const _) < 0
+            && read_user_raw(buf.cast(), (n & (SCAN_LEN - 1)) as u32, seg as *const _) < 0
         {
             return;
         }
         write_volatile(&mut (*sc).length_at, 0);
         write_volatile(&mut (*sc).header_end, 0);
-        let mut i = 0usize;
-        while i < SCAN_LEN - 24 {
-            if i + 2 >= n {
-                break; // buf[i..=i + 2] must lie within the written bytes
+        // Compared against fresh loads of this, not `n`: what a branch learns about `n`
+        // would differ between the paths of each word and multiply the verifier's states.
+        write_volatile(&mut (*sc).valid, n as u64);
+        let mut k = 0usize;
+        'words: while k < SCAN_LEN / 8 {
+            let base = k * 8;
+            if base as u64 >= read_volatile(&(*sc).valid) {
+                break;
             }
-            if buf[i] == b'\n' {
-                let s = i + 1;
-                if buf[s] == b'\r' {
-                    write_volatile(&mut (*sc).header_end, (s + 2) as u64);
-                    break;
-                }
-                let c1 = buf[s] | 0x20;
-                // "content-length:" / "transfer-encoding:" by their fixed punctuation.
-                if c1 == b'c'
-                    && buf[s + 7] == b'-'
-                    && buf[s + 8] | 0x20 == b'l'
-                    && buf[s + 14] == b':'
-                {
-                    write_volatile(&mut (*sc).length_at, (s + 15) as u64);
-                } else if c1 == b't' && buf[s + 8] == b'-' && buf[s + 17] == b':' {
-                    write_volatile(&mut (*c).chunked, 1);
+            // SAFETY: base + 8 <= SCAN_LEN.
+            let w = read_unaligned(buf.add(base).cast::<u64>());
+            let x = w ^ splat(b'\n');
+            // Non-zero iff some byte of `w` is '\n' (the classic "has a zero byte" test).
+            if x.wrapping_sub(splat(1)) & !x & splat(0x80) != 0 {
+                let mut j = 0usize;
+                while j < 8 {
+                    let i = base + j;
+                    if i as u64 + 2 >= read_volatile(&(*sc).valid) {
+                        break 'words; // buf[i..=i + 2] must lie within the written bytes
+                    }
+                    // Re-read from memory rather than shift `w`: what a branch learns about
+                    // a dead temporary does not split the verifier's states.
+                    if *buf.add(i) == b'\n' && header_line(sc, c, i + 1) {
+                        break 'words;
+                    }
+                    j += 1;
                 }
             }
-            i += 1;
+            k += 1;
         }
         let header_end = read_volatile(&(*sc).header_end);
         let at = read_volatile(&(*sc).length_at) as usize;
@@ -194,7 +233,7 @@ unsafe fn scan_headers(c: *mut HttpRecord, seg: u64, len: u64) {
         let mut digits = 0;
         let mut k = 0;
         while k < 24 {
-            let d = buf[(at + k) & (SCAN_LEN - 1)];
+            let d = *buf.add((at + k) & (SCAN_LEN - 1));
             if d.is_ascii_digit() {
                 value = value * 10 + (d - b'0') as u64;
                 digits += 1;
@@ -224,7 +263,10 @@ pub fn finish(ctx: &TracePointContext, c: *mut HttpRecord, reason: u8) {
                 (*cg).active -= 1;
             }
         }
-        if HTTP_EVENTS.output::<HttpRecord>(&*c, 0).is_err() {
+        if HTTP_EVENTS
+            .output::<HttpRecord>(&*c, wakeup_flags(&HTTP_EVENTS))
+            .is_err()
+        {
             count(ctx, stat::HTTP_RINGBUF_FULL);
         }
         (*c).seq += 1;

@@ -13,9 +13,11 @@ mod sys_conn;
 mod sys_read;
 mod sys_write;
 
-use agent_common::{CgroupMem, HttpRecord, MmState, ProcessRecord, stat};
+use agent_common::{CgroupMem, HttpRecord, MmState, NewCgroup, ProcessRecord, stat};
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id,
+    },
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -24,6 +26,13 @@ use aya_ebpf::{
 /// cgroup v2 id (directory inode) → `agent_common::mode`; filled by user space.
 #[map]
 pub static WATCHED: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+/// Function cgroup id (the parent of its replicas' cgroups) → `agent_common::mode`; filled by
+/// user space, so that a new replica is watched from its first exec (see [`discover`]).
+#[map]
+pub static FUNCTIONS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+/// Replica cgroups [`discover`] began to watch, for user space to name.
+#[map]
+pub static NEW_CGROUPS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 /// Fork-mode processes being metered, by tgid.
 #[map]
 pub static PROCS: HashMap<u32, ProcessRecord> = HashMap::with_max_entries(16384, 0);
@@ -72,11 +81,15 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// Per-CPU working memory of the response-header scan.
 #[repr(C)]
 pub struct Scratch {
-    pub buf: [u8; SCAN_LEN],
+    /// The response's first bytes, plus room so that 16-byte loads at any line start within
+    /// `SCAN_LEN` stay inside the buffer.
+    pub buf: [u8; SCAN_LEN + 32],
     /// Offset of the `Content-Length` value, 0 if not seen.
     pub length_at: u64,
     /// Length of the header block including the blank line, 0 if not seen.
     pub header_end: u64,
+    /// Bytes of `buf` that the write really sent (the rest is whatever followed in memory).
+    pub valid: u64,
 }
 
 /// Response bytes scanned for `Content-Length` / `Transfer-Encoding`.
@@ -103,10 +116,92 @@ pub fn watched() -> Option<(u64, u32)> {
     Some((id, *mode))
 }
 
+/// Deepest cgroup level looked at for a function's cgroup.
+const MAX_LEVEL: i32 = 12;
+/// `BPF_NOEXIST`: insert only if absent.
+const NOEXIST: u64 = 1;
+
+/// [`watched`], and for an exec in a cgroup not (yet) watched: is it a new replica, a child
+/// cgroup of a function's cgroup? Then it is watched from now on, with the function's mode,
+/// and user space is told. Runs at exec only (`sys_enter_execve`, `sched_process_exec`): the
+/// gateway moves a replica's process into its cgroup before the exec, so the replica is
+/// watched before its program runs, however quickly it serves its first request.
+#[inline(always)]
+pub fn watched_or_discover(ctx: &TracePointContext) -> Option<(u64, u32)> {
+    // SAFETY: the helper has no preconditions.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: values are plain u32s that user space only replaces whole.
+    if let Some(mode) = unsafe { WATCHED.get(&id) } {
+        return Some((id, *mode));
+    }
+    let mut level = 1;
+    while level < MAX_LEVEL {
+        // SAFETY: the helper has no preconditions; 0 means "no cgroup at that level".
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 || ancestor == id {
+            return None;
+        }
+        // SAFETY: plain u32 values.
+        if let Some(mode) = unsafe { FUNCTIONS.get(&ancestor) } {
+            let mode = *mode;
+            // Only the function's direct children are its replicas.
+            // SAFETY: as above.
+            if unsafe { bpf_get_current_ancestor_cgroup_id(level + 1) } != id {
+                return None;
+            }
+            if WATCHED.insert(&id, &mode, NOEXIST).is_err() && unsafe { WATCHED.get(&id) }.is_none()
+            {
+                count(ctx, stat::WATCHED_MAP_FULL);
+                return None;
+            }
+            if CGROUP_MEM
+                .insert(&id, &CgroupMem::default(), NOEXIST)
+                .is_err()
+                && CGROUP_MEM.get_ptr(&id).is_none()
+            {
+                count(ctx, stat::CGROUP_MEM_MAP_FULL);
+            }
+            let new = NewCgroup {
+                cgroup_id: id,
+                function_cgroup_id: ancestor,
+                mode,
+                _pad: 0,
+            };
+            if NEW_CGROUPS.output::<NewCgroup>(&new, 0).is_err() {
+                count(ctx, stat::CGROUP_RINGBUF_FULL);
+            }
+            return Some((id, mode));
+        }
+        level += 1;
+    }
+    None
+}
+
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: the helper has no preconditions.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// Ring-buffer flags: no wakeup of user space per record.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+/// Wake user space now.
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `bpf_ringbuf_query` flag: bytes written but not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Unread bytes in a ring buffer past which user space is woken at once. Below it, user
+/// space drains on its own timer (`DRAIN_INTERVAL` in `agent/src/run.rs`), so a busy node
+/// does not pay a wakeup (an IPI, a context switch) per record.
+const WAKE_AT_BYTES: u64 = 64 * 1024;
+
+/// The flags for the next output to `ring`: wake user space only once a batch is waiting.
+#[inline(always)]
+pub fn wakeup_flags(ring: &RingBuf) -> u64 {
+    if ring.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 /// Counts a give-up in `STATS` and says so through aya-log.

@@ -233,6 +233,7 @@ mod tests {
 
     fn ev(i: usize) -> UsageEvent {
         UsageEvent {
+            id: format!("00000000-0000-4000-8000-{i:012}"),
             call_id: Some(format!("c{i}")),
             namespace: "openfaas-fn".into(),
             function_name: "f".into(),
@@ -275,13 +276,41 @@ mod tests {
         let mut s = Spool::open(&dir, 1 << 20).expect("reopen");
         assert_eq!(s.events(), 5);
         let mut got = Vec::new();
+        let mut event_ids = Vec::new();
         while let Some(Ok((seq, events))) = s.oldest() {
             got.extend(ids(&events));
+            event_ids.extend(events.iter().map(|e| e.id.clone()));
             s.remove(seq);
         }
         assert_eq!(got, ["c1", "c2", "c3", "c4", "c5"]);
+        // Each event keeps the id it was made with: a resend is recognisably the same event.
+        assert_eq!(event_ids, (1..=5).map(|i| ev(i).id).collect::<Vec<_>>());
         assert_eq!((s.events(), s.bytes()), (0, 0));
         assert!(!dir.join("00000000000000000001-9.tmp").exists());
+        drop(s);
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn events_spooled_without_an_id_still_load() {
+        let dir = tmp("legacy");
+        let mut s = Spool::open(&dir, 1 << 20).expect("open");
+        s.push_back(&[ev(1)]).expect("push");
+        drop(s);
+        // Rewrite the segment as an agent without event ids wrote it.
+        let seg = fs::read_dir(&dir)
+            .expect("dir")
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            .expect("segment");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&fs::read(seg.path()).expect("read")).expect("json");
+        v.as_object_mut().expect("object").remove("id");
+        fs::write(seg.path(), format!("{v}\n")).expect("write");
+        let mut s = Spool::open(&dir, 1 << 20).expect("reopen");
+        let (_, events) = s.oldest().expect("some").expect("readable");
+        assert_eq!(ids(&events), ["c1"]);
+        assert_eq!(events[0].id.len(), 36, "given a fresh id: {}", events[0].id);
         drop(s);
         fs::remove_dir_all(&dir).expect("clean up");
     }

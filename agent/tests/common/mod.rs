@@ -25,8 +25,8 @@ use agent::{
 };
 use tokio::sync::{mpsc, watch};
 
-const V2_ROOT: &str = "/sys/fs/cgroup/unified";
-const MEM_ROOT: &str = "/sys/fs/cgroup/memory";
+pub const V2_ROOT: &str = "/sys/fs/cgroup/unified";
+pub const MEM_ROOT: &str = "/sys/fs/cgroup/memory";
 
 /// Serialises the measuring tests of one test binary: two agents and two servers fighting
 /// for 2 cores would make the handlers' own timings (the ground truth) noisy.
@@ -79,6 +79,24 @@ impl TestCgroup {
             }
             m
         });
+        Self { name, v2, mem }
+    }
+
+    /// A cgroup at `rel` under the v2 root (and the v1 memory root), whose parent
+    /// directories must exist: a replica under a function's cgroup, as the gateway lays them
+    /// out. Only the leaf is removed on drop.
+    pub fn at(rel: &str) -> Self {
+        let v2 = Path::new(V2_ROOT).join(rel);
+        fs::create_dir(&v2).expect("create v2 cgroup");
+        let mem = Path::new(MEM_ROOT).is_dir().then(|| {
+            let m = Path::new(MEM_ROOT).join(rel);
+            fs::create_dir(&m).expect("create memory cgroup");
+            m
+        });
+        let name = v2
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .expect("cgroup name");
         Self { name, v2, mem }
     }
 

@@ -330,7 +330,9 @@ async fn ingest_usage(
     let mut rejected = Vec::new();
     let mut accepted = Vec::with_capacity(events.len());
     for (i, raw) in events.into_iter().enumerate() {
-        let parsed = parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
+        // The fast parser first; the one that names the field only for an error message.
+        let parsed = serde_json::from_str::<crate::metering::UsageEvent>(raw.get())
+            .or_else(|_| parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes()))
             .map_err(|e| e.to_string())
             .and_then(|e| e.problem().map_or(Ok(e), Err));
         match parsed {
