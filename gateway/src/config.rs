@@ -165,6 +165,12 @@ pub struct MeteringConfig {
     #[arg(long, env = "TALLY_METERING_SPOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub metering_spool: bool,
 
+    /// Where the spool lives [default: /dev/shm/tally/<data dir> — memory: survives a
+    /// crash of the gateway, not of the machine, and costs a third of what a spool on
+    /// disk does (BENCHMARKS.md); point it at a disk directory to survive reboots too].
+    #[arg(long, env = "TALLY_METERING_SPOOL_DIR")]
+    pub metering_spool_dir: Option<std::path::PathBuf>,
+
     /// How long the gateway's own event waits for the node agent's kernel event of the
     /// same call (used only while an agent is active).
     #[arg(long, env = "TALLY_METERING_GRACE", default_value = "5s", value_parser = parse_duration)]

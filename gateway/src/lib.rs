@@ -74,7 +74,11 @@ impl Gateway {
         if m.webhook_endpoint.is_none() {
             return Ok(());
         }
-        let spool_dir = self.config.data_dir().join("metering-spool");
+        let spool_dir = match &m.metering_spool_dir {
+            Some(dir) => dir.clone(),
+            None => metering::spool::default_dir(&self.config.data_dir())
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        };
         let flusher = metering::flush::Flusher::start(
             Arc::downgrade(self),
             m.metering_buffer,

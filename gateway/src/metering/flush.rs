@@ -83,12 +83,10 @@ impl Flusher {
     /// Buffers events with one spool `write` for all of them (an ingested batch).
     pub fn send_all(&self, gw: &Gateway, events: impl IntoIterator<Item = FunctionUsage>) {
         let mut lines = Vec::new();
-        let mut spooled = Vec::new();
         for event in events {
             match serde_json::to_vec(&event) {
                 Ok(mut line) => {
                     line.push(b'\n');
-                    spooled.extend_from_slice(&line);
                     lines.push(line);
                 }
                 Err(e) => {
@@ -97,6 +95,7 @@ impl Flusher {
                 }
             }
         }
+        let mut spooled: Vec<u8> = lines.concat();
         let mut b = self.shared.lock();
         let room = self.shared.capacity.saturating_sub(b.lines.len());
         let dropped = lines.len().saturating_sub(room);
@@ -105,16 +104,7 @@ impl Flusher {
             let kept: usize = lines.iter().map(Vec::len).sum();
             spooled.truncate(kept);
         }
-        if !lines.is_empty()
-            && let Some(spool) = b.spool.as_mut()
-            && let Err(e) = spool.append(&spooled)
-        {
-            gw.metrics
-                .metering
-                .with_label_values(&["spool_error"])
-                .inc();
-            tracing::error!("{e}: the events are kept in memory only");
-        }
+        let writer = b.spool.as_ref().map(Spool::writer);
         let was_empty = b.lines.is_empty();
         let added = lines.len();
         b.lines.append(&mut lines);
@@ -123,6 +113,19 @@ impl Flusher {
             b.since = Some(Instant::now());
         }
         drop(b);
+        // Spooled right after buffering, outside the lock (a `write` under it made the
+        // other requests wait): if a flush seals the file in between, these events are in
+        // the batch being published and in whichever file this write reaches.
+        if !spooled.is_empty()
+            && let Some(w) = writer
+            && let Err(e) = w.append(&spooled)
+        {
+            gw.metrics
+                .metering
+                .with_label_values(&["spool_error"])
+                .inc();
+            tracing::error!("{e}: the events are kept in memory only");
+        }
         if dropped > 0 {
             gw.metrics
                 .metering
@@ -136,6 +139,17 @@ impl Flusher {
             .inc_by(added as u64);
         if (was_empty && n > 0) || n >= self.shared.every {
             self.shared.wake.notify_one();
+        }
+    }
+
+    /// After a complete flush at shutdown: no more events; the spool directory goes if empty.
+    pub fn close_spool(&self) {
+        let mut b = self.shared.lock();
+        if b.lines.is_empty()
+            && !b.publishing
+            && let Some(spool) = b.spool.take()
+        {
+            spool.remove_if_empty();
         }
     }
 

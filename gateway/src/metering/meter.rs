@@ -218,7 +218,9 @@ impl Meter {
         for event in held {
             self.flusher.send(gw, event);
         }
-        if !self.flusher.flush(limit).await {
+        if self.flusher.flush(limit).await {
+            self.flusher.close_spool();
+        } else {
             tracing::warn!("usage events still unflushed at shutdown after {limit:?}");
         }
     }

@@ -9,6 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const CURRENT: &str = "current.wal";
 const SEALED_PREFIX: &str = "sealed-";
@@ -23,8 +24,25 @@ pub enum SpoolError {
 /// The open spool: where events are appended.
 pub struct Spool {
     dir: PathBuf,
-    file: File,
+    file: Arc<File>,
     next_seq: u64,
+}
+
+/// Appends to the file that was current when it was taken; used outside the buffer's lock
+/// (an append that lands in a just-sealed file is replayed with it, or was published).
+#[derive(Clone)]
+pub struct SpoolWriter {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl SpoolWriter {
+    /// Appends event lines (each ends with `\n`) in a single `write`.
+    pub fn append(&self, lines: &[u8]) -> Result<(), SpoolError> {
+        (&*self.file)
+            .write_all(lines)
+            .map_err(|e| SpoolError::Io(self.path.clone(), e))
+    }
 }
 
 /// A spool file whose events are (being) published; removed once they are.
@@ -53,7 +71,7 @@ impl Spool {
             seqs.push(next_seq);
             next_seq += 1;
         }
-        let file = open_append(&current)?;
+        let file = Arc::new(open_append(&current)?);
         let sealed = seqs
             .into_iter()
             .map(|s| Sealed {
@@ -70,11 +88,22 @@ impl Spool {
         ))
     }
 
-    /// Appends one event line (it ends with `\n`) in a single `write`.
-    pub fn append(&mut self, line: &[u8]) -> Result<(), SpoolError> {
-        self.file
-            .write_all(line)
-            .map_err(|e| SpoolError::Io(self.dir.join(CURRENT), e))
+    /// At a clean shutdown with everything published: removes the (empty) current file
+    /// and the directory, if nothing else is in it.
+    pub fn remove_if_empty(self) {
+        let current = self.dir.join(CURRENT);
+        if std::fs::metadata(&current).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&current);
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+
+    /// The writer of the current file.
+    pub fn writer(&self) -> SpoolWriter {
+        SpoolWriter {
+            file: self.file.clone(),
+            path: self.dir.join(CURRENT),
+        }
     }
 
     /// Seals everything appended so far and starts a new current file.
@@ -83,7 +112,7 @@ impl Spool {
         let to = self.dir.join(sealed_name(self.next_seq));
         std::fs::rename(&current, &to).map_err(|e| SpoolError::Io(current.clone(), e))?;
         self.next_seq += 1;
-        self.file = open_append(&current)?;
+        self.file = Arc::new(open_append(&current)?);
         Ok(Sealed { path: to })
     }
 }
@@ -106,6 +135,40 @@ impl Sealed {
             tracing::warn!(path = %self.path.display(), "removing a published spool file: {e}");
         }
     }
+}
+
+/// `/dev/shm/tally/<data dir, slashes as '_'>` when /dev/shm is there (made 0700 and
+/// refused if someone else owns it), else `DATA_DIR/metering-spool`.
+pub fn default_dir(data_dir: &Path) -> Result<PathBuf, SpoolError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return Ok(data_dir.join("metering-spool"));
+    }
+    let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let name: String = absolute
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c == '/' { '_' } else { c })
+        .collect();
+    let base = shm.join("tally");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for dir in [base.clone(), base.join(name.trim_start_matches('_'))] {
+        let err = |e| SpoolError::Io(dir.clone(), e);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+        let meta = std::fs::symlink_metadata(&dir).map_err(err)?;
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return Err(err(io::Error::other(
+                "exists but is not a private directory of this user (set --metering-spool-dir)",
+            )));
+        }
+    }
+    Ok(base.join(name.trim_start_matches('_')))
 }
 
 fn open_append(path: &Path) -> Result<File, SpoolError> {
@@ -136,10 +199,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut spool, old) = Spool::open(dir.path()).unwrap();
         assert!(old.is_empty());
-        spool.append(b"{\"a\":1}\n").unwrap();
+        spool.writer().append(b"{\"a\":1}\n").unwrap();
         let first = spool.seal().unwrap();
-        spool.append(b"{\"b\":2}\n").unwrap();
-        spool.append(b"{\"c\":3}\n{\"torn").unwrap();
+        spool.writer().append(b"{\"b\":2}\n").unwrap();
+        spool.writer().append(b"{\"c\":3}\n{\"torn").unwrap();
         drop(spool); // the process dies here: `first` was never published
         let (_spool, old) = Spool::open(dir.path()).unwrap();
         assert_eq!(old.len(), 2);
