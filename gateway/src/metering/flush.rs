@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -34,7 +35,7 @@ struct Shared {
 #[derive(Default)]
 struct Buffer {
     /// Serialized events, each ending with `\n` (as in the spool).
-    lines: Vec<Vec<u8>>,
+    lines: Vec<Bytes>,
     /// When the oldest buffered event arrived.
     since: Option<Instant>,
     spool: Option<Spool>,
@@ -87,7 +88,7 @@ impl Flusher {
             match serde_json::to_vec(&event) {
                 Ok(mut line) => {
                     line.push(b'\n');
-                    lines.push(line);
+                    lines.push(Bytes::from(line));
                 }
                 Err(e) => {
                     gw.metrics.metering.with_label_values(&["dropped"]).inc();
@@ -95,13 +96,17 @@ impl Flusher {
                 }
             }
         }
-        let mut spooled: Vec<u8> = lines.concat();
+        // One event (a call): its own bytes, shared; a batch: one buffer, one `write`.
+        let mut spooled = match lines.as_slice() {
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        };
         let mut b = self.shared.lock();
         let room = self.shared.capacity.saturating_sub(b.lines.len());
         let dropped = lines.len().saturating_sub(room);
         if dropped > 0 {
             lines.truncate(room);
-            let kept: usize = lines.iter().map(Vec::len).sum();
+            let kept: usize = lines.iter().map(Bytes::len).sum();
             spooled.truncate(kept);
         }
         let writer = b.spool.as_ref().map(Spool::writer);
@@ -184,7 +189,7 @@ impl Shared {
         &self,
         gw: &Weak<Gateway>,
         interval: Duration,
-    ) -> (Vec<Vec<u8>>, Option<Sealed>) {
+    ) -> (Vec<Bytes>, Option<Sealed>) {
         loop {
             let due = {
                 let b = self.lock();
@@ -250,9 +255,10 @@ async fn flush_loop(
                 continue;
             }
         };
-        let valid: Vec<Vec<u8>> = lines
+        let valid: Vec<Bytes> = lines
             .into_iter()
             .filter(|l| serde_json::from_slice::<FunctionUsage>(l).is_ok())
+            .map(Bytes::from)
             .collect();
         if !valid.is_empty() {
             tracing::info!(
@@ -290,7 +296,7 @@ async fn flush_loop(
 async fn publish_all(
     gw: &Weak<Gateway>,
     shared: &Shared,
-    lines: &[Vec<u8>],
+    lines: &[Bytes],
     streams_ready: &mut bool,
 ) -> bool {
     for chunk in lines.chunks(shared.every) {
@@ -322,7 +328,7 @@ async fn publish_all(
 
 /// One JetStream message per chunk: a JSON array, deduplicated by its first event's id
 /// and length (a replayed chunk is the same message).
-async fn publish(gw: &Gateway, chunk: &[Vec<u8>], streams_ready: &mut bool) -> Result<(), String> {
+async fn publish(gw: &Gateway, chunk: &[Bytes], streams_ready: &mut bool) -> Result<(), String> {
     let queue = gw
         .queue
         .get()
@@ -334,7 +340,7 @@ async fn publish(gw: &Gateway, chunk: &[Vec<u8>], streams_ready: &mut bool) -> R
     }
     let first: FunctionUsage =
         serde_json::from_slice(&chunk[0]).map_err(|e| format!("spooled event: {e}"))?;
-    let mut payload = Vec::with_capacity(chunk.iter().map(Vec::len).sum::<usize>() + 2);
+    let mut payload = Vec::with_capacity(chunk.iter().map(Bytes::len).sum::<usize>() + 2);
     payload.push(b'[');
     for (i, line) in chunk.iter().enumerate() {
         if i > 0 {

@@ -11,7 +11,6 @@ use futures_util::StreamExt;
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 
-use super::event::FunctionUsage;
 use super::flush::{PARKED_SUBJECT, STREAM, ensure_streams};
 use super::sign;
 use crate::Gateway;
@@ -108,12 +107,13 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
             return Err("the message stream ended".into());
         };
         let first = first.map_err(|e| e.to_string())?;
-        let (mut batch, mut events, mut bytes) = (Vec::new(), Vec::new(), 0);
-        take(&js, first, &mut batch, &mut events, &mut bytes).await;
+        let (mut batch, mut events) = (Vec::new(), Events::default());
+        take(&js, first, &mut batch, &mut events).await;
         let deadline = tokio::time::Instant::now() + cfg.webhook_batch_wait;
-        while bytes < cfg.webhook_batch_bytes && events.len() < cfg.webhook_batch_events {
+        while events.body.len() < cfg.webhook_batch_bytes && events.len() < cfg.webhook_batch_events
+        {
             match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(Ok(m))) => take(&js, m, &mut batch, &mut events, &mut bytes).await,
+                Ok(Some(Ok(m))) => take(&js, m, &mut batch, &mut events).await,
                 Ok(Some(Err(e))) => return Err(e.to_string()),
                 Ok(None) | Err(_) => break,
             }
@@ -132,18 +132,62 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
     }
 }
 
-/// Adds a message's events to the batch (read once); an unreadable message is parked.
+/// A batch's events, kept as the JSON text they arrived in (never re-encoded), plus each
+/// one's end time for the delivery-lag histogram.
+#[derive(Default)]
+struct Events {
+    /// The elements of the body's JSON array, comma-separated (no brackets yet).
+    body: Vec<u8>,
+    /// Unix nanoseconds at which each event's invocation ended (None: unreadable time).
+    ended: Vec<Option<i128>>,
+}
+
+impl Events {
+    fn len(&self) -> usize {
+        self.ended.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ended.is_empty()
+    }
+
+    fn into_body(self) -> Bytes {
+        let mut body = Vec::with_capacity(self.body.len() + 2);
+        body.push(b'[');
+        body.extend_from_slice(&self.body);
+        body.push(b']');
+        Bytes::from(body)
+    }
+}
+
+/// The two fields the lag needs, read without building the whole event.
+#[derive(serde::Deserialize)]
+struct Timing<'a> {
+    started: &'a str,
+    duration: u64,
+}
+
+/// Adds a message's events to the batch (read once, copied as they are); an unreadable
+/// message is parked.
 async fn take(
     js: &jetstream::Context,
     m: jetstream::Message,
     batch: &mut Vec<jetstream::Message>,
-    events: &mut Vec<FunctionUsage>,
-    bytes: &mut usize,
+    events: &mut Events,
 ) {
-    match serde_json::from_slice::<Vec<FunctionUsage>>(&m.payload) {
-        Ok(mut e) => {
-            *bytes += m.payload.len();
-            events.append(&mut e);
+    match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&m.payload) {
+        Ok(raw) => {
+            for e in raw {
+                if !events.body.is_empty() {
+                    events.body.push(b',');
+                }
+                events.body.extend_from_slice(e.get().as_bytes());
+                let ended = serde_json::from_str::<Timing>(e.get()).ok().and_then(|t| {
+                    let start = chrono::DateTime::parse_from_rfc3339(t.started).ok()?;
+                    Some(i128::from(start.timestamp_nanos_opt()?) + i128::from(t.duration))
+                });
+                events.ended.push(ended);
+            }
             batch.push(m);
         }
         Err(e) => {
@@ -160,14 +204,16 @@ async fn deliver(
     secret: Option<&[u8]>,
     js: &jetstream::Context,
     batch: Vec<jetstream::Message>,
-    events: Vec<FunctionUsage>,
+    mut events: Events,
     cfg: &crate::config::MeteringConfig,
 ) {
     // run() does not start without an endpoint.
     let Some(endpoint) = cfg.webhook_endpoint.as_deref() else {
         return;
     };
-    let body = Bytes::from(serde_json::to_vec(&events).unwrap_or_default());
+    let count = events.len();
+    let ended = std::mem::take(&mut events.ended);
+    let body = events.into_body();
     let delivery = uuid::Uuid::new_v4().to_string();
     let signature = secret.map(|s| sign::signature(s, &body));
     let mut backoff = Duration::from_millis(200);
@@ -194,25 +240,21 @@ async fn deliver(
                 gw.metrics
                     .metering
                     .with_label_values(&["delivered"])
-                    .inc_by(events.len() as u64);
-                gw.metrics
-                    .metering_batch_events
-                    .observe(events.len() as f64);
-                let now = chrono::Utc::now();
-                for e in &events {
-                    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&e.started) {
-                        let ended = t.with_timezone(&chrono::Utc)
-                            + chrono::Duration::nanoseconds(e.duration.min(i64::MAX as u64) as i64);
-                        let lag = (now - ended).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-                        gw.metrics.metering_delivery_seconds.observe(lag);
-                    }
+                    .inc_by(count as u64);
+                gw.metrics.metering_batch_events.observe(count as f64);
+                let now = chrono::Utc::now()
+                    .timestamp_nanos_opt()
+                    .map_or(0, i128::from);
+                for end in ended.iter().flatten() {
+                    let lag = (now - end).max(0) as f64 / 1e9;
+                    gw.metrics.metering_delivery_seconds.observe(lag);
                 }
                 return;
             }
             Outcome::Refused(status, why) => {
                 tracing::error!(
                     status,
-                    events = events.len(),
+                    events = count,
                     "webhook refused a batch; parked in {}: {why}",
                     super::flush::PARKED_STREAM
                 );
@@ -223,12 +265,12 @@ async fn deliver(
                 gw.metrics
                     .metering
                     .with_label_values(&["parked"])
-                    .inc_by(events.len() as u64);
+                    .inc_by(count as u64);
                 return;
             }
             Outcome::Failed(why) => {
                 gw.metrics.metering_webhook_retries.inc();
-                tracing::warn!(events = events.len(), waited = ?started.elapsed(), "webhook delivery failed: {why}; retrying in {backoff:?}");
+                tracing::warn!(events = count, waited = ?started.elapsed(), "webhook delivery failed: {why}; retrying in {backoff:?}");
                 for m in &batch {
                     let _ = m.ack_with(AckKind::Progress).await;
                 }
