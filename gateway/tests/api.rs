@@ -483,12 +483,7 @@ async fn usage_ingest_keeps_valid_events_and_counts_the_rest() {
         overflowing,
         "garbage"
     ]);
-    let r = gw
-        .auth(gw.http.post(gw.url("/system/usage")))
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post_usage(&batch).await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["accepted"], 2);

@@ -345,11 +345,8 @@ async fn kernel_events_replace_the_gateways_and_never_both() {
         })
     };
     let r = gw
-        .auth(gw.http.post(gw.url("/system/usage")))
-        .json(&json!([kernel("with-kernel", 1_234_567)]))
-        .send()
-        .await
-        .unwrap();
+        .post_usage(&json!([kernel("with-kernel", 1_234_567)]))
+        .await;
     assert_eq!(r.status(), 200);
     let events = hook.wait_events(2).await;
     let with = events
@@ -370,11 +367,8 @@ async fn kernel_events_replace_the_gateways_and_never_both() {
         "after the grace the gateway's own event goes"
     );
     // A kernel event arriving after the gateway's was sent is dropped, not billed twice.
-    gw.auth(gw.http.post(gw.url("/system/usage")))
-        .json(&json!([kernel("without-kernel", 5_000_000)]))
-        .send()
-        .await
-        .unwrap();
+    gw.post_usage(&json!([kernel("without-kernel", 5_000_000)]))
+        .await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let all = hook.events();
     assert_eq!(all.len(), 2, "never both for one call: {all:?}");
@@ -387,12 +381,7 @@ async fn kernel_events_replace_the_gateways_and_never_both() {
     );
     // The agent re-sends a batch it thought lost: the call is not billed twice.
     let again = json!([kernel("with-kernel", 1_234_567)]);
-    let r = gw
-        .auth(gw.http.post(gw.url("/system/usage")))
-        .json(&again)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post_usage(&again).await;
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(hook.events().len(), 2);
@@ -523,12 +512,7 @@ async fn a_gateway_killed_with_its_buffer_full_loses_no_event() {
         "started": "2026-11-22T10:00:00.000000001Z", "duration_ns": 1_000_000u64,
         "status_code": 200, "memory_peak_bytes": 1_048_576u64, "source": "kernel"
     }]);
-    let r = gw
-        .auth(gw.http.post(gw.url("/system/usage")))
-        .json(&kernel)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post_usage(&kernel).await;
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let early = hook.events();
@@ -543,12 +527,7 @@ async fn a_gateway_killed_with_its_buffer_full_loses_no_event() {
     let events = hook.wait_events(201).await;
     // The agent did not get (or lost) the answer and sends the same event again.
     gw.wait_async_ready().await;
-    let r = gw
-        .auth(gw.http.post(gw.url("/system/usage")))
-        .json(&kernel)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post_usage(&kernel).await;
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got: std::collections::HashSet<String> = events

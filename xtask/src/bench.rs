@@ -67,20 +67,8 @@ impl Bench {
     }
 
     fn start_with(name: &str, gateway_args: &[String]) -> Result<Self> {
-        run_cmd(Command::new("cargo").args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "gateway",
-            "-p",
-            "hello-rust",
-        ]))?;
-        let bin = root().join("target/release");
-        let data = std::env::temp_dir().join(format!("tally-bench-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::create_dir_all(data.join("functions"))?;
-        std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+        let bin = release_build(&[])?;
+        let data = fresh_data_dir(name, &bin)?;
         let function_port = wrk::free_port()?;
         let function = Guard(
             Command::new(bin.join("hello-rust"))
@@ -103,6 +91,43 @@ impl Drop for Bench {
     fn drop(&mut self) {
         self._processes.clear();
         let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Builds the gateway, hello-rust and the `extra` packages in release; their directory.
+pub(crate) fn release_build(extra: &[&str]) -> Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "gateway",
+        "-p",
+        "hello-rust",
+    ]);
+    for p in extra {
+        cmd.args(["-p", p]);
+    }
+    run_cmd(&mut cmd)?;
+    Ok(root().join("target/release"))
+}
+
+/// A fresh `tally-bench-NAME-PID` temp directory holding `functions/hello-rust`.
+pub(crate) fn fresh_data_dir(name: &str, bin: &Path) -> Result<PathBuf> {
+    let data = std::env::temp_dir().join(format!("tally-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(data.join("functions"))?;
+    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+    Ok(data)
+}
+
+/// Removes a benchmark's directory on drop.
+pub(crate) struct RemoveDir(pub(crate) PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -244,6 +269,19 @@ pub(crate) fn agent() -> ureq::Agent {
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
         .into()
+}
+
+/// Deploys `tiny` (hello-rust, http mode) and waits until it answers; its URL.
+pub(crate) fn deploy_tiny(agent: &ureq::Agent, url: &str, auth: &str) -> Result<String> {
+    deploy(
+        agent,
+        url,
+        auth,
+        json!({"service": "tiny", "image": "bench/tiny", "envProcess": "./hello-rust", "envVars": {"mode": "http"}}),
+    )?;
+    let target = format!("{url}/function/tiny");
+    wrk::wait_ok(agent, &target)?;
+    Ok(target)
 }
 
 fn deploy(agent: &ureq::Agent, url: &str, auth: &str, body: serde_json::Value) -> Result<()> {
@@ -424,13 +462,7 @@ fn run_metering(args: &Args) -> Result<()> {
     )?;
     let agent = agent();
     for b in [&off, &on] {
-        deploy(
-            &agent,
-            &b.url,
-            &b.auth,
-            json!({"service": "tiny", "image": "bench/tiny", "envProcess": "./hello-rust", "envVars": {"mode": "http"}}),
-        )?;
-        wrk::wait_ok(&agent, &format!("{}/function/tiny", b.url))?;
+        deploy_tiny(&agent, &b.url, &b.auth)?;
     }
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {

@@ -16,12 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::bench::{Guard, agent, start_gateway};
+use crate::bench::{
+    Guard, RemoveDir, agent, deploy_tiny, fresh_data_dir, release_build, start_gateway,
+};
 use crate::wrk::{self, Wrk};
 use anyhow::{Context as _, Result, bail};
-use serde_json::json;
-
-use crate::{root, run_cmd};
 
 /// bpf_stats reach the agent's /metrics every 5 s: wait longer than that around a run.
 const STATS_REFRESH: Duration = Duration::from_millis(5_300);
@@ -30,24 +29,10 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench agent: needs root (the agent loads eBPF programs); run it as root");
     }
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "gateway",
-        "-p",
-        "hello-rust",
-        "-p",
-        "agent",
-    ]))?;
-    let bin = root().join("target/release");
-    let data = std::env::temp_dir().join(format!("tally-bench-agent-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(data.join("functions"))?;
+    let bin = release_build(&["agent"])?;
+    let data = fresh_data_dir("agent", &bin)?;
     set_mode(&data, 0o755)?;
     let _cleanup = RemoveDir(data.clone());
-    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
     let cgroup_parent = format!("tally-bench-agent-{}", std::process::id());
     // Declared before the gateway, so dropped after it: the gateway stops first.
     let _cgroups = RemoveCgroups(cgroup_parent.clone());
@@ -62,16 +47,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     let gateway_pid = gateway.id();
     let _gateway = Guard(gateway);
     let http = agent();
-    let r = http
-        .post(&format!("{url}/system/functions"))
-        .header("Authorization", &auth)
-        .send_json(json!({"service": "tiny", "image": "bench/tiny",
-            "envProcess": "./hello-rust", "envVars": {"mode": "http"}}))?;
-    if r.status() != 202 {
-        bail!("deploying tiny: {}", r.status());
-    }
-    let target = format!("{url}/function/tiny");
-    wrk::wait_ok(&http, &target)?;
+    let target = deploy_tiny(&http, &url, &auth)?;
     // Warm up the gateway's pool and the function.
     wrk::run(&target, 2, connections)?;
 
@@ -325,14 +301,6 @@ fn per_request_us(ticks: u64, requests: u64) -> f64 {
 }
 
 /// Removes the data directory on drop.
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;

@@ -5,38 +5,25 @@
 //! rate (as node agents do), then real sync invocations driven by wrk. Lag is each row's
 //! `received_at` (its transaction's time) minus the end of its invocation.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
 
 use tally_e2e::postgres::{Durability, Postgres};
 
-use crate::bench::{Guard, agent, start_gateway};
-use crate::{root, run_cmd, wrk};
+use crate::bench::{
+    Guard, RemoveDir, agent, deploy_tiny, fresh_data_dir, release_build, start_gateway,
+};
+use crate::{run_cmd, wrk};
 
 /// Events per `/system/usage` POST (what an agent sends at most per batch, roughly).
 const POST_EVENTS: usize = 500;
 const SENDERS: usize = 4;
 
 pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "gateway",
-        "-p",
-        "hello-rust",
-        "-p",
-        "billing-receiver",
-    ]))?;
-    let bin = root().join("target/release");
-    let work = std::env::temp_dir().join(format!("tally-bench-billing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(work.join("gateway/functions"))?;
+    let bin = release_build(&["billing-receiver"])?;
+    let work = fresh_data_dir("billing", &bin)?;
     let _cleanup = RemoveDir(work.clone());
     let pg = Postgres::start_with(Durability::Default);
     let db = pg.url();
@@ -52,8 +39,7 @@ pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
             .env("RUST_LOG", "warn")
             .spawn()?,
     );
-    let data = work.join("gateway");
-    std::fs::copy(bin.join("hello-rust"), data.join("functions/hello-rust"))?;
+    let data = work.clone();
     let (gateway, url, auth) = start_gateway(
         &bin,
         &data,
@@ -69,15 +55,7 @@ pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
     )?;
     let _gateway = Guard(gateway);
     let http = agent();
-    let r = http
-        .post(&format!("{url}/system/functions"))
-        .header("Authorization", &auth)
-        .send_json(json!({"service": "tiny", "image": "bench/tiny",
-            "envProcess": "./hello-rust", "envVars": {"mode": "http"}}))?;
-    if r.status() != 202 {
-        bail!("deploy: {}", r.status());
-    }
-    wrk::wait_ok(&http, &format!("{url}/function/tiny"))?;
+    let tiny = deploy_tiny(&http, &url, &auth)?;
     wait_for_receiver(&http, receiver_port)?;
 
     eprintln!("phase 1: {rate} events/s to /system/usage for {seconds} s");
@@ -88,7 +66,7 @@ pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
     eprintln!("phase 2: wrk -c{connections} on /function/tiny for {seconds} s");
     let since = rfc3339_now();
     let before = produced(&http, &url)?;
-    let w = wrk::run(&format!("{url}/function/tiny"), seconds, connections)?;
+    let w = wrk::run(&tiny, seconds, connections)?;
     std::thread::sleep(Duration::from_secs(1));
     let invoked = produced(&http, &url)? - before;
     let gateway = wait_rows(&pg, "gateway", &since, invoked)?;
@@ -257,12 +235,4 @@ fn wait_for_receiver(http: &ureq::Agent, port: u16) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("billing-receiver did not answer on port {port}")
-}
-
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

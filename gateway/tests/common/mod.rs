@@ -218,6 +218,15 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// `POST /system/usage` with `events` (as the node agent sends them).
+    pub async fn post_usage(&self, events: &Value) -> reqwest::Response {
+        self.auth(self.http.post(self.url("/system/usage")))
+            .json(events)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))
