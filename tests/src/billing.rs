@@ -131,7 +131,7 @@ impl Receiver {
     /// SIGTERM and wait (it finishes in-flight batches within its grace).
     pub fn stop(&mut self) {
         if let Some(c) = self.child.take() {
-            terminate(c, Duration::from_secs(20));
+            crate::stack::terminate(c, Duration::from_secs(20));
         }
     }
 }
@@ -143,23 +143,6 @@ impl Drop for Receiver {
             let _ = c.wait();
         }
     }
-}
-
-/// SIGTERM, then SIGKILL after `grace`.
-fn terminate(mut c: Child, grace: Duration) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + grace;
-    while c.try_wait().ok().flatten().is_none() {
-        if Instant::now() > deadline {
-            let _ = c.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = c.wait();
 }
 
 /// An external `nats-server -js` with its store in a temp dir and a monitoring port.
@@ -212,7 +195,7 @@ impl Nats {
     /// A clean restart on the same port with the same store.
     pub fn restart(&mut self, down_for: Duration) {
         if let Some(c) = self.child.take() {
-            terminate(c, Duration::from_secs(20));
+            crate::stack::terminate(c, Duration::from_secs(20));
         }
         std::thread::sleep(down_for);
         self.spawn();

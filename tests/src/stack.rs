@@ -158,17 +158,8 @@ impl Gateway {
 
     /// SIGTERM and wait (it retires its replicas).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while c.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c, Duration::from_secs(30));
         }
     }
 
@@ -244,6 +235,20 @@ impl Drop for Gateway {
             }
         }
     }
+}
+
+/// SIGTERM, then `kill -9` if `c` has not exited within `grace`; reaps it.
+pub fn terminate(mut c: Child, grace: Duration) {
+    signal(&c, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while c.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.wait();
 }
 
 fn signal(c: &Child, s: nix::sys::signal::Signal) {

@@ -88,18 +88,7 @@ fn every_answered_invocation_has_exactly_one_kernel_event() {
         gw.wait_ready(f);
     }
     // Every replica is metered before the load starts.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for f in FUNCTIONS {
-        let id = format!("warmup-{f}");
-        while gw.usage(&format!("call_id={id}")).is_empty() {
-            assert!(Instant::now() < deadline, "{f} was never metered");
-            let _ = client()
-                .get(&format!("{}/function/{f}", gw.url))
-                .header("X-Call-Id", &id)
-                .call();
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
+    wait_metered(&gw, &FUNCTIONS, "warmup");
     eprintln!("set up in {:?}", started.elapsed());
 
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -263,6 +252,23 @@ fn every_answered_invocation_has_exactly_one_kernel_event() {
 
 /// `GET /system/usage?{query}`, read whole: tens of MB for 100,000 events, past ureq's
 /// default 10 MB body limit (which would silently read as no events at all).
+/// Calls each function (call id `{prefix}-{f}`) until the gateway has its kernel event;
+/// at most 20 s in all.
+fn wait_metered(gw: &Gateway, functions: &[&str], prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for f in functions {
+        let id = format!("{prefix}-{f}");
+        while gw.usage(&format!("call_id={id}")).is_empty() {
+            assert!(Instant::now() < deadline, "{f} was never metered");
+            let _ = client()
+                .get(&format!("{}/function/{f}", gw.url))
+                .header("X-Call-Id", &id)
+                .call();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
 fn usage_json(c: &ureq::Agent, url: &str, auth: &str, query: &str) -> Vec<Value> {
     let mut r = c
         .get(&format!("{url}/system/usage?{query}"))
@@ -315,18 +321,7 @@ fn replicas_added_under_load_are_metered_from_their_first_call() {
     // away: restart the agent instead, now that they exist.
     drop(agent);
     let agent = Agent::start_polling(&gw, 60_000, &[]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for f in SCALED {
-        let id = format!("warmup2-{f}");
-        while gw.usage(&format!("call_id={id}")).is_empty() {
-            assert!(Instant::now() < deadline, "{f} was never metered");
-            let _ = client()
-                .get(&format!("{}/function/{f}", gw.url))
-                .header("X-Call-Id", &id)
-                .call();
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
+    wait_metered(&gw, &SCALED, "warmup2");
     let replicas_now = |gw: &Gateway| -> HashSet<String> {
         let (_, r) = gw.system("GET", "/system/replicas", None);
         r["replicas"]
