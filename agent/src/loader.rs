@@ -115,14 +115,7 @@ impl CpuTimer {
             return Ok(());
         }
         let name = CPU_TIME_PROGRAM;
-        let prog: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(Error::Program {
-                name,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
+        let prog = tracepoint(ebpf, name)?;
         match self.link.take() {
             Some(link) => {
                 prog.detach(link)
@@ -176,14 +169,7 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
             continue;
         }
         let on_demand = name == CPU_TIME_PROGRAM;
-        let prog: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(Error::Program {
-                name,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
+        let prog = tracepoint(&mut ebpf, name)?;
         prog.load()
             .map_err(|source| Error::Program { name, source })?;
         if !on_demand {
@@ -228,4 +214,15 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
     ebpf.take_map(name).ok_or(Error::MissingMap(name))
+}
+
+/// The tracepoint program `name` of the object.
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, Error> {
+    ebpf.program_mut(name)
+        .ok_or(Error::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
 }
