@@ -158,6 +158,29 @@ async fn requests_go_to_the_least_busy_replica() {
 }
 
 #[tokio::test]
+async fn calls_that_never_overlap_are_spread_over_the_replicas() {
+    let gw = TestGateway::start(&[]);
+    gw.deploy_ok(http_fn("rr")).await;
+    gw.scale("rr", 3).await;
+    gw.wait_available("rr", 3).await;
+    let mut per_pid: HashMap<String, usize> = HashMap::new();
+    for _ in 0..9 {
+        let r = gw
+            .http
+            .get(gw.url("/function/rr/sleep?ms=0"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        *per_pid
+            .entry(r.text().await.unwrap().trim().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_pid.len(), 3, "every replica served: {per_pid:?}");
+    assert!(per_pid.values().all(|n| *n == 3), "in turn: {per_pid:?}");
+}
+
+#[tokio::test]
 async fn update_replaces_replicas_without_a_gap() {
     let gw = TestGateway::start(&[]);
     let mut f = http_fn("ver");

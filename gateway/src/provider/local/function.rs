@@ -1,7 +1,8 @@
 //! One deployed function in the local provider: its deployment, its replica set and
-//! how requests pick a replica (the ready one with the fewest requests in flight).
+//! how requests pick a replica (the ready one with the fewest requests in flight, ties
+//! taken in turn so that idle replicas share a light load).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ pub struct FunctionSlot {
     pub deployment: RwLock<(FunctionDeployment, Arc<RunSpec>)>,
     pub created_at: DateTime<Utc>,
     desired: AtomicU64,
+    /// Where the next pick starts among equally loaded replicas.
+    turn: AtomicUsize,
     replicas: RwLock<Vec<Arc<Replica>>>,
     cpu_sample: Mutex<Option<(Instant, u64)>>,
 }
@@ -41,6 +44,7 @@ impl FunctionSlot {
             deployment: RwLock::new((deployment, spec)),
             created_at,
             desired: AtomicU64::new(0),
+            turn: AtomicUsize::new(0),
             replicas: RwLock::default(),
             cpu_sample: Mutex::default(),
         }
@@ -62,7 +66,9 @@ impl FunctionSlot {
         read(&self.replicas).clone()
     }
 
-    /// Leases the routable replica with the fewest requests in flight.
+    /// Leases the routable replica with the fewest requests in flight; among equals, the
+    /// next in turn. (Ties are the rule under light load, where calls rarely overlap: the
+    /// first replica would otherwise serve them all, and a new one would stay idle.)
     pub fn acquire(&self) -> Result<Lease, AcquireError> {
         let replicas = read(&self.replicas);
         let mut routable: Vec<&Arc<Replica>> = replicas.iter().filter(|r| r.routable()).collect();
@@ -71,6 +77,9 @@ impl FunctionSlot {
                 desired: self.desired(),
             });
         }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) % routable.len();
+        routable.rotate_left(turn);
+        // Stable: equally loaded replicas keep their turn order.
         routable.sort_by_key(|r| r.load.inflight());
         let max = routable[0].spec.max_inflight;
         for r in routable {
