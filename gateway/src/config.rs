@@ -152,8 +152,9 @@ pub struct MeteringConfig {
     #[arg(long, env = "TALLY_METERING_BUFFER", default_value_t = 100_000)]
     pub metering_buffer: usize,
 
-    /// Flush when this many events are buffered...
-    #[arg(long, env = "TALLY_METERING_FLUSH_EVENTS", default_value_t = 500)]
+    /// Flush when this many events are buffered (also the most events per JetStream
+    /// message, which holds at most 768 KiB)...
+    #[arg(long, env = "TALLY_METERING_FLUSH_EVENTS", default_value_t = 1000)]
     pub metering_flush_events: usize,
 
     /// ...or when this long passed since the first buffered event.

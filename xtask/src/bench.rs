@@ -57,6 +57,7 @@ struct Bench {
     function_port: u16,
     url: String,
     auth: String,
+    gateway_pid: u32,
     _processes: Vec<Guard>,
 }
 
@@ -82,6 +83,7 @@ impl Bench {
             function_port,
             url,
             auth,
+            gateway_pid: gateway.id(),
             _processes: vec![function, Guard(gateway)],
         })
     }
@@ -465,18 +467,24 @@ fn run_metering(args: &Args) -> Result<()> {
         deploy_tiny(&agent, &b.url, &b.auth)?;
     }
     let (mut without, mut with) = (Vec::new(), Vec::new());
+    // CPU per request of each setup's gateway and the nats-server it supervises.
+    let (mut cpu_off, mut cpu_on) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        without.push(wrk::run(
-            &format!("{}/function/tiny", off.url),
-            args.seconds,
-            args.connections,
-        )?);
-        with.push(wrk::run(
-            &format!("{}/function/tiny", on.url),
-            args.seconds,
-            args.connections,
-        )?);
+        for (b, runs, cpu) in [
+            (&off, &mut without, &mut cpu_off),
+            (&on, &mut with, &mut cpu_on),
+        ] {
+            let before = gateway_and_nats_ticks(b.gateway_pid)?;
+            let w = wrk::run(
+                &format!("{}/function/tiny", b.url),
+                args.seconds,
+                args.connections,
+            )?;
+            let after = gateway_and_nats_ticks(b.gateway_pid)?;
+            cpu.push(per_request_us(after - before, w.requests));
+            runs.push(w);
+        }
     }
     std::thread::sleep(Duration::from_secs(2));
     let mut r = agent.get(&format!("{}/metrics", on.url)).call()?;
@@ -505,12 +513,73 @@ fn run_metering(args: &Args) -> Result<()> {
     println!();
     println!("on / off throughput: {:.1}%", 100.0 * b.rps / a.rps);
     println!(
+        "CPU per request, gateway + its nats-server (medians): off {:.1} µs, on {:.1} µs (rounds: off {:?}, on {:?})",
+        median(&mut cpu_off.clone()),
+        median(&mut cpu_on.clone()),
+        cpu_off
+            .iter()
+            .map(|c| format!("{c:.1}"))
+            .collect::<Vec<_>>(),
+        cpu_on.iter().map(|c| format!("{c:.1}")).collect::<Vec<_>>(),
+    );
+    println!(
+        "requests/s by round: off {:?}, on {:?}",
+        without.iter().map(|w| w.rps.round()).collect::<Vec<_>>(),
+        with.iter().map(|w| w.rps.round()).collect::<Vec<_>>(),
+    );
+    println!(
         "events produced {:.0}, delivered {:.0}, dropped {:.0}",
         stage("produced"),
         stage("delivered"),
         stage("dropped")
     );
     Ok(())
+}
+
+/// utime + stime of process `pid` so far, in clock ticks (1/100 s).
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field =
+        |i: usize| -> Result<u64> { Ok(f.get(i).context("short /proc/PID/stat")?.parse()?) };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Clock ticks (10 ms each) spread over `requests`, in µs per request.
+pub(crate) fn per_request_us(ticks: u64, requests: u64) -> f64 {
+    ticks as f64 * 10_000.0 / requests.max(1) as f64
+}
+
+/// CPU ticks of a gateway and of the `nats-server` it started (its child).
+fn gateway_and_nats_ticks(gateway: u32) -> Result<u64> {
+    let mut ticks = cpu_ticks(gateway)?;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let is_child = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .is_some_and(|ppid| ppid == gateway.to_string());
+        if is_child && stat.contains("(nats-server)") {
+            ticks += cpu_ticks(pid).unwrap_or(0);
+        }
+    }
+    Ok(ticks)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// A step from idle to a paced ~800 requests/s (8 senders) held for 120 s against a

@@ -1,5 +1,5 @@
 //! The gateway's side of metering: a bounded buffer the invocation path never waits on
-//! (beyond one spool `write`), flushed to JetStream `TALLY_USAGE` every N events or T.
+//! (beyond a copy into the spool), flushed to JetStream `TALLY_USAGE` every N events or T.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::event::FunctionUsage;
-use super::spool::{Sealed, Spool, SpoolError};
+use super::spool::{self, Sealed, Spool, SpoolError};
 use crate::Gateway;
 
 pub const STREAM: &str = "TALLY_USAGE";
@@ -81,7 +81,7 @@ impl Flusher {
         self.send_all(gw, std::iter::once(event));
     }
 
-    /// Buffers events with one spool `write` for all of them (an ingested batch).
+    /// Buffers events (an ingested batch: one spool reservation for all of them).
     pub fn send_all(&self, gw: &Gateway, events: impl IntoIterator<Item = FunctionUsage>) {
         let mut lines = Vec::new();
         for event in events {
@@ -96,40 +96,37 @@ impl Flusher {
                 }
             }
         }
-        // One event (a call): its own bytes, shared; a batch: one buffer, one `write`.
-        let mut spooled = match lines.as_slice() {
-            [one] => one.clone(),
-            many => Bytes::from(many.concat()),
-        };
         let mut b = self.shared.lock();
         let room = self.shared.capacity.saturating_sub(b.lines.len());
         let dropped = lines.len().saturating_sub(room);
-        if dropped > 0 {
-            lines.truncate(room);
-            let kept: usize = lines.iter().map(Bytes::len).sum();
-            spooled.truncate(kept);
-        }
-        let writer = b.spool.as_ref().map(Spool::writer);
+        lines.truncate(room);
+        let writer = match b.spool.as_mut().filter(|_| !lines.is_empty()) {
+            Some(spool) => match spool.reserve(&lines) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    gw.metrics
+                        .metering
+                        .with_label_values(&["spool_error"])
+                        .inc();
+                    tracing::error!("{e}: the events are kept in memory only");
+                    None
+                }
+            },
+            None => None,
+        };
         let was_empty = b.lines.is_empty();
         let added = lines.len();
-        b.lines.append(&mut lines);
+        b.lines.extend(lines.iter().cloned());
         let n = b.lines.len();
         if was_empty && n > 0 {
             b.since = Some(Instant::now());
         }
         drop(b);
-        // Spooled right after buffering, outside the lock (a `write` under it made the
-        // other requests wait): if a flush seals the file in between, these events are in
-        // the batch being published and in whichever file this write reaches.
-        if !spooled.is_empty()
-            && let Some(w) = writer
-            && let Err(e) = w.append(&spooled)
-        {
-            gw.metrics
-                .metering
-                .with_label_values(&["spool_error"])
-                .inc();
-            tracing::error!("{e}: the events are kept in memory only");
+        // Copied right after buffering, outside the lock, into the region reserved under
+        // it: if a flush seals the segment in between, these events are in the batch being
+        // published and in that segment.
+        if let Some(w) = writer {
+            w.write(&lines);
         }
         if dropped > 0 {
             gw.metrics
@@ -181,6 +178,22 @@ impl Flusher {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
         self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the spool's next segment ready outside the lock, so a seal under it only
+    /// swaps two segments.
+    fn prepare_spare(&self) {
+        let Some((dir, seq)) = self.lock().spool.as_mut().and_then(Spool::needs_spare) else {
+            return;
+        };
+        match spool::prepare(&dir, seq) {
+            Ok(segment) => match self.lock().spool.as_mut() {
+                Some(spool) => spool.set_spare(segment),
+                None => segment.discard(),
+            },
+            // A seal makes its own segment then; if that fails too, it is counted there.
+            Err(e) => tracing::warn!("preparing the next metering spool segment: {e}"),
+        }
     }
 
     /// Waits until a batch is due (N events, T since the first, or a flush asked for),
@@ -263,7 +276,7 @@ async fn flush_loop(
         if !valid.is_empty() {
             tracing::info!(
                 events = valid.len(),
-                file = %sealed.path.display(),
+                files = %sealed.describe(),
                 "replaying usage events spooled before a restart"
             );
         }
@@ -277,17 +290,22 @@ async fn flush_loop(
                 .with_label_values(&["replayed"])
                 .inc_by(n);
         }
-        sealed.remove();
+        let _ = sealed.clear();
     }
     loop {
+        shared.prepare_spare();
         let (lines, sealed) = shared.next_batch(&gw, interval).await;
         if !publish_all(&gw, &shared, &lines, &mut streams_ready).await {
             return;
         }
-        if let Some(s) = sealed {
-            s.remove();
+        let reusable = sealed.and_then(Sealed::clear);
+        let mut b = shared.lock();
+        b.publishing = false;
+        match (reusable, b.spool.as_mut()) {
+            (Some(segment), Some(spool)) => spool.set_spare(segment),
+            (Some(segment), None) => segment.discard(),
+            (None, _) => {}
         }
-        shared.lock().publishing = false;
     }
 }
 
@@ -299,7 +317,7 @@ async fn publish_all(
     lines: &[Bytes],
     streams_ready: &mut bool,
 ) -> bool {
-    for chunk in lines.chunks(shared.every) {
+    for chunk in Chunks::new(lines, shared.every) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let Some(gw) = gw.upgrade() else { return false };
@@ -324,6 +342,48 @@ async fn publish_all(
         }
     }
     true
+}
+
+/// Largest JetStream message the flusher builds: under nats-server's default
+/// `max_payload` (1 MiB), whatever the events' sizes.
+const MAX_MESSAGE_BYTES: usize = 768 << 10;
+
+/// Consecutive runs of at most `every` lines and MAX_MESSAGE_BYTES (a line longer than
+/// that goes alone).
+struct Chunks<'a> {
+    rest: &'a [Bytes],
+    every: usize,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(lines: &'a [Bytes], every: usize) -> Self {
+        Self {
+            rest: lines,
+            every: every.max(1),
+        }
+    }
+}
+
+impl<'a> Iterator for Chunks<'a> {
+    type Item = &'a [Bytes];
+
+    fn next(&mut self) -> Option<&'a [Bytes]> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < self.rest.len().min(self.every) {
+            bytes += self.rest[n].len() + 1;
+            if n > 0 && bytes > MAX_MESSAGE_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        let (chunk, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Some(chunk)
+    }
 }
 
 /// One JetStream message per chunk: a JSON array, deduplicated by its first event's id
@@ -395,4 +455,22 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<
         .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_hold_at_most_n_events_and_fit_a_nats_message() {
+        let small: Vec<Bytes> = (0..2500).map(|_| Bytes::from(vec![b'x'; 99])).collect();
+        let sizes: Vec<usize> = Chunks::new(&small, 1000).map(<[Bytes]>::len).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        let big: Vec<Bytes> = (0..10).map(|_| Bytes::from(vec![b'x'; 300 << 10])).collect();
+        let sizes: Vec<usize> = Chunks::new(&big, 1000).map(<[Bytes]>::len).collect();
+        assert_eq!(sizes, [2, 2, 2, 2, 2], "two of 300 KiB fit 768 KiB, three do not");
+        let huge = vec![Bytes::from(vec![b'x'; 2 << 20])];
+        assert_eq!(Chunks::new(&huge, 1000).count(), 1, "an oversized event goes alone");
+        assert_eq!(Chunks::new(&[], 1000).count(), 0);
+    }
 }

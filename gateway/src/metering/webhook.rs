@@ -167,6 +167,33 @@ struct Timing<'a> {
     duration: u64,
 }
 
+impl<'a> Timing<'a> {
+    /// Finds the fields in an event's text: a scan for the keys the gateway's own
+    /// serializer writes (every event in the stream went through it), else a parse.
+    fn of(event: &'a str) -> Option<Self> {
+        let scanned = || {
+            let after = |key: &str| event.find(key).map(|i| &event[i + key.len()..]);
+            let started = after("\"started\":\"")?;
+            let started = &started[..started.find('"')?];
+            let duration = after("\"duration\":")?;
+            let end = duration
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(duration.len());
+            Some(Self {
+                started,
+                duration: duration[..end].parse().ok()?,
+            })
+        };
+        scanned().or_else(|| serde_json::from_str(event).ok())
+    }
+
+    /// Unix nanoseconds at which the invocation ended.
+    fn ended_ns(&self) -> Option<i128> {
+        let start = chrono::DateTime::parse_from_rfc3339(self.started).ok()?;
+        Some(i128::from(start.timestamp_nanos_opt()?) + i128::from(self.duration))
+    }
+}
+
 /// Adds a message's events to the batch (read once, copied as they are); an unreadable
 /// message is parked.
 async fn take(
@@ -182,11 +209,9 @@ async fn take(
                     events.body.push(b',');
                 }
                 events.body.extend_from_slice(e.get().as_bytes());
-                let ended = serde_json::from_str::<Timing>(e.get()).ok().and_then(|t| {
-                    let start = chrono::DateTime::parse_from_rfc3339(t.started).ok()?;
-                    Some(i128::from(start.timestamp_nanos_opt()?) + i128::from(t.duration))
-                });
-                events.ended.push(ended);
+                events
+                    .ended
+                    .push(Timing::of(e.get()).and_then(|t| t.ended_ns()));
             }
             batch.push(m);
         }
@@ -344,5 +369,25 @@ async fn park(js: &jetstream::Context, body: &[u8], status: u16, why: &str) {
             }
         }
         Err(e) => tracing::error!("parking a refused batch: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timing_of_an_event_is_found_by_scan_or_parse() {
+        let ours = r#"{"event":"function_usage","started":"2026-11-23T00:00:01.5Z","duration":250000000,"status_code":200}"#;
+        let t = Timing::of(ours).unwrap();
+        assert_eq!(
+            (t.started, t.duration),
+            ("2026-11-23T00:00:01.5Z", 250_000_000)
+        );
+        assert_eq!(t.ended_ns(), Some(1_795_392_001_750_000_000));
+        // Spaced out (not our serializer's text): parsed.
+        let spaced = r#"{ "duration" : 7, "started" : "2026-11-23T00:00:00Z" }"#;
+        assert_eq!(Timing::of(spaced).map(|t| t.duration), Some(7));
+        assert!(Timing::of(r#"{"duration":"x"}"#).is_none());
     }
 }
