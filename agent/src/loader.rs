@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{RawTracePoint, TracePoint, trace_point::TracePointLinkId},
 };
 use aya_log::EbpfLogger;
 use tracing::info;
@@ -14,30 +14,52 @@ use tracing::info;
 use crate::{ebpf_object, error::Error, sys};
 use agent_common::{CgroupMem, HttpRecord, ProcessRecord};
 
-/// Every program of `agent-ebpf` and the tracepoint it attaches to.
-pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("tally_exec", "sched", "sched_process_exec"),
-    ("tally_switch", "sched", "sched_switch"),
-    ("tally_exit", "sched", "sched_process_exit"),
-    ("tally_fork", "sched", "sched_process_fork"),
-    ("tally_execve", "syscalls", "sys_enter_execve"),
-    ("tally_exit_group", "syscalls", "sys_enter_exit_group"),
-    ("tally_rss", "kmem", "rss_stat"),
-    ("tally_enter_read", "syscalls", "sys_enter_read"),
-    ("tally_exit_read", "syscalls", "sys_exit_read"),
-    ("tally_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
-    ("tally_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
-    ("tally_enter_readv", "syscalls", "sys_enter_readv"),
-    ("tally_exit_readv", "syscalls", "sys_exit_readv"),
-    ("tally_enter_write", "syscalls", "sys_enter_write"),
-    ("tally_exit_write", "syscalls", "sys_exit_write"),
-    ("tally_enter_sendto", "syscalls", "sys_enter_sendto"),
-    ("tally_exit_sendto", "syscalls", "sys_exit_sendto"),
-    ("tally_enter_writev", "syscalls", "sys_enter_writev"),
-    ("tally_exit_writev", "syscalls", "sys_exit_writev"),
-    ("tally_exit_accept", "syscalls", "sys_exit_accept"),
-    ("tally_exit_accept4", "syscalls", "sys_exit_accept4"),
-    ("tally_enter_close", "syscalls", "sys_enter_close"),
+/// One program of `agent-ebpf` and the tracepoint it attaches to.
+#[derive(Clone, Copy, Debug)]
+pub struct Program {
+    /// The program's name in the object.
+    pub name: &'static str,
+    /// The tracepoint's category (its directory under tracefs `events/`).
+    pub category: &'static str,
+    /// The tracepoint's name.
+    pub tracepoint: &'static str,
+    /// A raw tracepoint (attached by name, arguments as the kernel passes them) rather than
+    /// a tracepoint (through perf, with the formatted record).
+    pub raw: bool,
+}
+
+const fn tp(name: &'static str, category: &'static str, tracepoint: &'static str) -> Program {
+    Program {
+        name,
+        category,
+        tracepoint,
+        raw: false,
+    }
+}
+
+/// Every program of `agent-ebpf`. The syscalls are seen through the two raw tracepoints
+/// `raw_syscalls:sys_enter`/`sys_exit` (one program each, dispatching on the syscall number:
+/// read, recvfrom, readv, write, sendto, writev, accept, accept4, close, execve,
+/// exit_group), not through `syscalls:*` tracepoints, whose perf glue every syscall of the
+/// node would pay.
+pub const PROGRAMS: &[Program] = &[
+    tp("tally_exec", "sched", "sched_process_exec"),
+    tp("tally_switch", "sched", "sched_switch"),
+    tp("tally_exit", "sched", "sched_process_exit"),
+    tp("tally_fork", "sched", "sched_process_fork"),
+    tp("tally_rss", "kmem", "rss_stat"),
+    Program {
+        name: "tally_sys_enter",
+        category: "raw_syscalls",
+        tracepoint: "sys_enter",
+        raw: true,
+    },
+    Program {
+        name: "tally_sys_exit",
+        category: "raw_syscalls",
+        tracepoint: "sys_exit",
+        raw: true,
+    },
 ];
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -82,12 +104,12 @@ pub fn ensure_tracefs() -> Result<(), Error> {
 
 /// The first tracepoint the kernel does not offer, as an error naming it.
 pub fn check_tracepoints(tracefs: &Path) -> Result<(), Error> {
-    for &(_, category, name) in PROGRAMS {
-        let path: PathBuf = tracefs.join("events").join(category).join(name);
+    for p in PROGRAMS {
+        let path: PathBuf = tracefs.join("events").join(p.category).join(p.tracepoint);
         if !path.join("id").is_file() {
             return Err(Error::MissingTracepoint {
-                category,
-                name,
+                category: p.category,
+                name: p.tracepoint,
                 path,
             });
         }
@@ -164,16 +186,25 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
             None
         }
     };
-    for &(name, category, tp) in PROGRAMS {
+    for p in PROGRAMS {
+        let name = p.name;
         if name == CPU_TIME_PROGRAM && !cpu_time {
             continue;
         }
-        let on_demand = name == CPU_TIME_PROGRAM;
+        if p.raw {
+            let prog = raw_tracepoint(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+            prog.attach(p.tracepoint)
+                .map_err(|source| Error::Program { name, source })?;
+            continue;
+        }
         let prog = tracepoint(&mut ebpf, name)?;
         prog.load()
             .map_err(|source| Error::Program { name, source })?;
-        if !on_demand {
-            prog.attach(category, tp)
+        // `sched_switch` waits for the first fork-mode replica (`CpuTimer`).
+        if name != CPU_TIME_PROGRAM {
+            prog.attach(p.category, p.tracepoint)
                 .map_err(|source| Error::Program { name, source })?;
         }
     }
@@ -218,11 +249,27 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
 
 /// The tracepoint program `name` of the object.
 fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, Error> {
-    ebpf.program_mut(name)
-        .ok_or(Error::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
+    program(ebpf, name)?
         .try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// The raw tracepoint program `name` of the object.
+fn raw_tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut RawTracePoint, Error> {
+    program(ebpf, name)?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, Error> {
+    ebpf.program_mut(name).ok_or(Error::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })
 }

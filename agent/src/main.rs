@@ -65,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         poll_interval: config.poll_interval(),
         synced: None,
         stats_interval: std::time::Duration::from_secs(5),
+        bpf_stats: config.bpf_stats,
     };
     let agent = tokio::spawn(run(
         kernel,

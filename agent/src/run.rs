@@ -36,6 +36,9 @@ pub struct RunOptions {
     /// How often bpf_stats and drop counters are copied into metrics, and dead processes'
     /// kernel state is swept.
     pub stats_interval: Duration,
+    /// Turn on the kernel's `bpf_stats` (run time and count of each program) while the agent
+    /// runs, for `tally_agent_bpf_run_{time_seconds,count}`.
+    pub bpf_stats: bool,
 }
 const STAT_NAMES: [&str; 8] = [
     "process_ringbuf_full",
@@ -74,9 +77,17 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
         exited,
     } = kernel;
     // Keep the fd: bpf_stats stay enabled while it is open.
-    let _stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .inspect_err(|e| warn!(error = %e, "could not enable bpf_stats: no eBPF run-time metrics"))
-        .ok();
+    // Off by default: with the kernel's stats on, every program run (here: every syscall of
+    // the node, twice) also reads the clock twice, ≈ 100 ns a run on our VMs.
+    let _stats_fd = if options.bpf_stats {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .inspect_err(
+                |e| warn!(error = %e, "could not enable bpf_stats: no eBPF run-time metrics"),
+            )
+            .ok()
+    } else {
+        None
+    };
     let mut replicas = ReplicaMaps::new(watched, functions, cgroup_mem);
     let mut new_cgroups = sys::readable(new_cgroups)?;
     let mut process_events = sys::readable(process_events)?;

@@ -87,15 +87,25 @@ async fn gateway_replicas_with_basic_auth() {
 
 #[test]
 fn missing_tracepoint_is_named() {
-    let dir = std::env::temp_dir().join(format!("tally-fake-tracefs-{}", std::process::id()));
-    for &(_, cat, name) in agent::loader::PROGRAMS {
-        if name != "rss_stat" {
-            let p: PathBuf = dir.join("events").join(cat).join(name);
-            std::fs::create_dir_all(&p).expect("mkdir");
-            std::fs::write(p.join("id"), "1\n").expect("id");
+    // Each tracepoint the agent needs, left out in turn from a fake tracefs: a plain one
+    // (`kmem:rss_stat`) and the raw one the syscall programs attach to.
+    for (category, missing) in [("kmem", "rss_stat"), ("raw_syscalls", "sys_exit")] {
+        let dir = std::env::temp_dir().join(format!(
+            "tally-fake-tracefs-{}-{missing}",
+            std::process::id()
+        ));
+        for prog in agent::loader::PROGRAMS {
+            if prog.tracepoint != missing {
+                let p: PathBuf = dir.join("events").join(prog.category).join(prog.tracepoint);
+                std::fs::create_dir_all(&p).expect("mkdir");
+                std::fs::write(p.join("id"), "1\n").expect("id");
+            }
         }
+        let err = agent::loader::check_tracepoints(&dir).expect_err("a tracepoint is missing");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            err.to_string().contains(&format!("{category}:{missing}")),
+            "{err}"
+        );
     }
-    let err = agent::loader::check_tracepoints(&dir).expect_err("rss_stat is missing");
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(err.to_string().contains("kmem:rss_stat"), "{err}");
 }

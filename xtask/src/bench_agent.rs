@@ -2,28 +2,35 @@
 //! detached in the same run, and the programs' kernel time per invocation.
 //!
 //! One release gateway with `hello-rust` deployed in http mode; wrk through
-//! `/function/tiny`, the autoscaler off. Two arms — no agent, the agent — run in an order
-//! rotated every round, so drift of a busy machine falls on each; medians are reported,
-//! with the CPU time the gateway and the agent processes used per request (their
-//! `/proc/PID/stat` utime + stime over the wrk run): the gateway's share in the attached arm
-//! includes ingesting one usage event per request. Kernel time comes from the agent's
-//! `/metrics` (the kernel's `bpf_stats`, refreshed every 5 s): the growth of the programs'
-//! summed run time over an attached run, divided by the requests wrk completed. The
-//! programs run on every traced syscall of the node and return at once for unwatched
-//! cgroups, so this is the whole in-kernel cost, not only the function's share.
+//! `/function/tiny`, the autoscaler off. Four arms — no agent; the agent as deployed;
+//! the agent with the kernel's `bpf_stats` on; the agent attached but watching no replica
+//! (the hooks' cost alone) — run in an order rotated every round, so
+//! drift of a busy machine falls on each; medians are reported, with the share of requests
+//! the agent metered and the CPU time the gateway and the agent processes used per request
+//! (their `/proc/PID/stat` utime + stime over the wrk run): the gateway's share in the
+//! attached arms includes ingesting one usage event per request. Kernel time comes from
+//! the third arm's `/metrics` (`bpf_stats`, refreshed every 5 s): the growth of the
+//! programs' summed run time over the run, divided by the requests wrk completed. The
+//! syscall programs run on every syscall of the node and return at once for unwatched
+//! cgroups, so this is the whole in-kernel cost, not only the function's share. Stats add
+//! two clock reads to every program run, which is why the agent's cost is the second arm.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    Guard, RemoveDir, agent, deploy_tiny, fresh_data_dir, release_build, start_gateway,
+    Guard, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, per_request_us, release_build,
+    start_gateway,
 };
 use crate::wrk::{self, Wrk};
 use anyhow::{Context as _, Result, bail};
 
 /// bpf_stats reach the agent's /metrics every 5 s: wait longer than that around a run.
 const STATS_REFRESH: Duration = Duration::from_millis(5_300);
+/// Time for a fresh agent to learn the replica (it polls every second), and after a run
+/// for the last events to be counted.
+const WATCH_SETTLE: Duration = Duration::from_millis(2_000);
 
 pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -51,69 +58,101 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     // Warm up the gateway's pool and the function.
     wrk::run(&target, 2, connections)?;
 
-    // Arm 0: no agent; 1: the agent with its defaults. (`sched_switch`, for fork-mode
+    // Arm 0: no agent; 1: the agent with its defaults; 2: the agent with the kernel's
+    // bpf_stats on, for the programs' run time (stats cost every program run two clock
+    // reads, so arm 1, not arm 2, is the agent's cost); 3: the agent attached but told of
+    // no replica (its replica list comes from an address nothing listens on): the cost of
+    // the programs' hooks alone, with no event made or sent. (`sched_switch`, for fork-mode
     // `cpu_ns`, is attached only while fork-mode functions exist: not here.)
-    const ARMS: [(&str, Option<&str>); 2] =
-        [("agent detached", None), ("agent attached", Some("true"))];
-    let mut runs: [Vec<Wrk>; 2] = Default::default();
-    let mut kernel: [Vec<KernelCost>; 2] = Default::default();
-    let mut gateway_cpu: [Vec<f64>; 2] = Default::default();
-    let mut agent_cpu: Vec<f64> = Vec::new();
+    const ARMS: [(&str, Option<&[&str]>); 4] = [
+        ("agent detached", None),
+        ("agent attached", Some(&[])),
+        (
+            "agent attached, bpf_stats on",
+            Some(&["--bpf-stats", "true"]),
+        ),
+        ("agent attached, no replica watched", Some(&[])),
+    ];
+    const STATS_ARM: usize = 2;
+    const UNWATCHED_ARM: usize = 3;
+    /// An address nothing listens on: the unwatched arm's agent learns no replica.
+    const NOWHERE: &str = "http://127.0.0.1:9";
+    let mut runs: [Vec<Wrk>; 4] = Default::default();
+    let mut kernel: Vec<KernelCost> = Vec::new();
+    let mut gateway_cpu: [Vec<f64>; 4] = Default::default();
+    let mut agent_cpu: [Vec<f64>; 4] = Default::default();
+    let mut metered: [Vec<f64>; 4] = Default::default();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         // Rotate the order each round, so a machine that drifts weighs on every arm.
         for k in 0..ARMS.len() {
             let arm = (round + k) % ARMS.len();
-            let Some(cpu_time) = ARMS[arm].1 else {
+            let Some(extra) = ARMS[arm].1 else {
                 let g0 = cpu_ticks(gateway_pid)?;
                 let w = wrk::run(&target, seconds, connections)?;
                 gateway_cpu[arm].push(per_request_us(cpu_ticks(gateway_pid)? - g0, w.requests));
                 runs[arm].push(w);
                 continue;
             };
-            let agent = Agent::start(&bin, &url, &data, &["--cpu-time", cpu_time])?;
-            std::thread::sleep(STATS_REFRESH);
-            let before = agent.bpf()?;
+            let source = if arm == UNWATCHED_ARM { NOWHERE } else { &url };
+            let agent = Agent::start(&bin, source, &data, extra)?;
+            // The replica list is polled every second: the replica is watched after that.
+            std::thread::sleep(if arm == STATS_ARM {
+                STATS_REFRESH
+            } else {
+                WATCH_SETTLE
+            });
+            let before = if arm == STATS_ARM {
+                Some(agent.bpf()?)
+            } else {
+                None
+            };
+            let m0 = agent.metric("tally_agent_invocation_duration_seconds_count")?;
             let (g0, a0) = (cpu_ticks(gateway_pid)?, cpu_ticks(agent.child.0.id())?);
             let w = wrk::run(&target, seconds, connections)?;
             gateway_cpu[arm].push(per_request_us(cpu_ticks(gateway_pid)? - g0, w.requests));
-            agent_cpu.push(per_request_us(
+            agent_cpu[arm].push(per_request_us(
                 cpu_ticks(agent.child.0.id())? - a0,
                 w.requests,
             ));
-            std::thread::sleep(STATS_REFRESH);
-            let after = agent.bpf()?;
+            std::thread::sleep(if arm == STATS_ARM {
+                STATS_REFRESH
+            } else {
+                WATCH_SETTLE
+            });
+            let m1 = agent.metric("tally_agent_invocation_duration_seconds_count")?;
+            metered[arm].push((m1 - m0) / w.requests.max(1) as f64);
+            if let Some(before) = before {
+                kernel.push(KernelCost::between(&before, &agent.bpf()?, w.requests));
+            }
             let dropped = agent.metric("tally_agent_events_dropped_total")?;
             drop(agent);
             if dropped > 0.0 {
                 bail!("the agent dropped {dropped} usage events during the run");
             }
-            kernel[arm].push(KernelCost::between(&before, &after, w.requests));
             runs[arm].push(w);
         }
     }
 
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        wrk::percentile(&v, 0.5)
+    };
     println!(
-        "| hello-rust through the gateway (wrk, {connections} connections, {seconds} s, median of {rounds}) | requests/s | p50 ms | p99 ms | vs detached | eBPF time per invocation | eBPF runs per invocation |"
+        "| hello-rust through the gateway (wrk, {connections} connections, {seconds} s, median of {rounds}) | requests/s | p50 ms | p99 ms | vs detached | requests metered |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let base = wrk::median(&runs[0]).rps;
     for (arm, (name, _)) in ARMS.iter().enumerate() {
         let m = wrk::median(&runs[arm]);
-        let (cost, count) = if kernel[arm].is_empty() {
-            ("–".to_string(), "–".to_string())
+        let share = if metered[arm].is_empty() {
+            "–".to_string()
         } else {
-            let mut ns: Vec<f64> = kernel[arm].iter().map(|k| k.ns_per_invocation).collect();
-            let mut n: Vec<f64> = kernel[arm].iter().map(|k| k.runs_per_invocation).collect();
-            ns.sort_by(f64::total_cmp);
-            n.sort_by(f64::total_cmp);
-            (
-                format!("{:.1} µs", wrk::percentile(&ns, 0.5) / 1000.0),
-                format!("{:.1}", wrk::percentile(&n, 0.5)),
-            )
+            format!("{:.1}%", 100.0 * med(&metered[arm]))
         };
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.1}% | {cost} | {count} |",
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.1}% | {share} |",
             m.rps,
             m.p50_ms,
             m.p99_ms,
@@ -128,29 +167,33 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         );
     }
     println!();
-    if let Some(k) = kernel[1].last() {
-        println!("| dearest programs (agent attached, last round) | µs per invocation |");
+    if !kernel.is_empty() {
+        let ns: Vec<f64> = kernel.iter().map(|k| k.ns_per_invocation).collect();
+        let n: Vec<f64> = kernel.iter().map(|k| k.runs_per_invocation).collect();
+        println!(
+            "eBPF programs (bpf_stats arm, median): {:.1} µs and {:.1} runs per invocation",
+            med(&ns) / 1000.0,
+            med(&n)
+        );
+    }
+    if let Some(k) = kernel.last() {
+        println!("| dearest programs (bpf_stats arm, last round) | µs per invocation |");
         println!("|---|---|");
         for (name, ns) in k.top.iter().take(6) {
             println!("| `{name}` | {:.2} |", ns / 1000.0);
         }
     }
     println!();
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        wrk::percentile(v, 0.5)
-    };
     println!("| CPU per request (median) | gateway process | agent process |");
     println!("|---|---|---|");
-    println!(
-        "| agent detached | {:.1} µs | – |",
-        med(&mut gateway_cpu[0])
-    );
-    println!(
-        "| agent attached | {:.1} µs | {:.1} µs |",
-        med(&mut gateway_cpu[1]),
-        med(&mut agent_cpu)
-    );
+    for (arm, (name, extra)) in ARMS.iter().enumerate() {
+        let agent = if extra.is_some() {
+            format!("{:.1} µs", med(&agent_cpu[arm]))
+        } else {
+            "–".to_string()
+        };
+        println!("| {name} | {:.1} µs | {agent} |", med(&gateway_cpu[arm]));
+    }
     println!();
     println!("target: attached ≥ 97% of detached");
     Ok(())
@@ -282,22 +325,6 @@ impl Drop for Agent {
         let _ = self.child.0.wait();
         let _ = std::fs::remove_dir_all(&self.spool);
     }
-}
-
-/// utime + stime of process `pid` so far, in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field =
-        |i: usize| -> Result<u64> { Ok(f.get(i).context("short /proc/PID/stat")?.parse()?) };
-    Ok(field(11)? + field(12)?)
-}
-
-/// Clock ticks (10 ms each) spread over `requests`, in µs per request.
-fn per_request_us(ticks: u64, requests: u64) -> f64 {
-    ticks as f64 * 10_000.0 / requests.max(1) as f64
 }
 
 /// Removes the data directory on drop.

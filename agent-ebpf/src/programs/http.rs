@@ -6,8 +6,8 @@ use agent_common::{HEAD_LEN, HttpRecord, conn, end, stat};
 use core::ptr::{read_unaligned, read_volatile, write_volatile};
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw},
-    programs::TracePointContext,
 };
 
 use super::{CGROUP_MEM, HTTP_EVENTS, SCAN_LEN, SCRATCH, Scratch, count, now, wakeup_flags};
@@ -32,8 +32,8 @@ pub fn is_request(first: &[u8; 8]) -> bool {
 
 /// Opens an exchange on `c` for a request whose first `len` bytes are at `data`.
 #[inline(always)]
-pub fn start_request(
-    ctx: &TracePointContext,
+pub fn start_request<C: EbpfContext>(
+    ctx: &C,
     c: *mut HttpRecord,
     key: u64,
     cgroup_id: u64,
@@ -90,8 +90,8 @@ pub fn start_request(
 
 /// Accounts `written` bytes (the first segment at `seg`, `seg_len` long) of a write on `c`.
 #[inline(always)]
-pub fn on_write(
-    ctx: &TracePointContext,
+pub fn on_write<C: EbpfContext>(
+    ctx: &C,
     c: *mut HttpRecord,
     seg: u64,
     seg_len: u64,
@@ -250,7 +250,7 @@ unsafe fn scan_headers(c: *mut HttpRecord, seg: u64, len: u64) {
 
 /// Sends the exchange on `c` to user space and makes the connection idle again.
 #[inline(always)]
-pub fn finish(ctx: &TracePointContext, c: *mut HttpRecord, reason: u8) {
+pub fn finish<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, reason: u8) {
     // SAFETY: `c` points into CONNS.
     unsafe {
         (*c).end_reason = reason;

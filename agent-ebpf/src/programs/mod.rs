@@ -1,5 +1,6 @@
 //! The maps every program shares, the cgroup filter they all check first, and the drop
-//! counter. Each tracepoint program lives in its own file below.
+//! counter. Each tracepoint program lives in its own file below; the syscalls are all seen
+//! through the two raw tracepoints of [`syscalls`], which hand each one to its file.
 
 mod cpu;
 mod exec;
@@ -12,15 +13,18 @@ mod rss;
 mod sys_conn;
 mod sys_read;
 mod sys_write;
+mod syscalls;
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use agent_common::{CgroupMem, HttpRecord, MmState, NewCgroup, ProcessRecord, stat};
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id,
     },
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// cgroup v2 id (directory inode) → `agent_common::mode`; filled by user space.
@@ -39,9 +43,15 @@ pub static PROCS: HashMap<u32, ProcessRecord> = HashMap::with_max_entries(16384,
 /// HTTP connections of http-mode replicas, by `tgid << 32 | fd`.
 #[map]
 pub static CONNS: HashMap<u64, HttpRecord> = HashMap::with_max_entries(16384, 0);
-/// Arguments of a read/write syscall between its enter and exit, by pid_tgid.
+/// What a syscall of interest was asked to do, between its enter and exit, by pid_tgid:
+/// the only thing the `sys_exit` program looks up for every other syscall of the node.
 #[map]
 pub static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(8192, 0);
+/// How many entries [`ARGS`] holds (one slot): while it is 0 — no watched replica inside a
+/// syscall of interest, most of the time for an event-loop server — `sys_exit` returns after
+/// this one load, for every syscall of the node, without hashing anything.
+#[map]
+pub static PENDING: Array<u64> = Array::with_max_entries(1, 0);
 /// RSS counters per address space (`kmem:rss_stat` mm_id); LRU so dead ones age out.
 #[map]
 pub static MMS: LruHashMap<u32, MmState> = LruHashMap::with_max_entries(16384, 0);
@@ -95,14 +105,60 @@ pub struct Scratch {
 /// Response bytes scanned for `Content-Length` / `Transfer-Encoding`.
 pub const SCAN_LEN: usize = 512;
 
-/// What a read/write syscall was asked to do, kept from enter to exit.
+/// What a syscall of interest was asked to do, kept from enter to exit.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SyscallArgs {
     pub buf: u64,
+    /// The replica's cgroup at entry.
+    pub cgroup_id: u64,
     pub fd: u32,
     /// 1 when `buf` points to an iovec array (readv/writev).
-    pub vectored: u32,
+    pub vectored: u16,
+    /// Which exit handler takes it: one of [`call`].
+    pub call: u16,
+}
+
+/// Kinds of [`SyscallArgs`]: what the `sys_exit` program does with the returned value.
+pub mod call {
+    /// read/recvfrom/readv: the bytes a request may begin with.
+    pub const READ: u16 = 1;
+    /// write/sendto/writev on a known connection: response bytes.
+    pub const WRITE: u16 = 2;
+    /// accept/accept4: a new socket's fd.
+    pub const ACCEPT: u16 = 3;
+}
+
+/// Keeps `args` for the current thread's syscall until its exit (see [`PENDING`]).
+#[inline(always)]
+pub fn keep_args(pid_tgid: u64, args: &SyscallArgs) {
+    if ARGS.insert(&pid_tgid, args, NOEXIST).is_ok() {
+        if let Some(n) = PENDING.get_ptr_mut(0) {
+            // SAFETY: the slot is a u64 in map memory, updated atomically by every CPU.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+        }
+    } else {
+        // A stale entry of this thread (its exit was missed): replace it, already counted.
+        let _ = ARGS.insert(&pid_tgid, args, 0);
+    }
+}
+
+/// The current thread's kept syscall arguments, taken out of [`ARGS`]; `None` at once while
+/// no thread of a watched replica is inside a syscall of interest.
+#[inline(always)]
+pub fn take_args(pid_tgid: u64) -> Option<SyscallArgs> {
+    let n = PENDING.get_ptr_mut(0)?;
+    // SAFETY: as above; an aligned 8-byte load is atomic (BPF has no atomic load to select).
+    if unsafe { core::ptr::read_volatile(n) } == 0 {
+        return None;
+    }
+    // SAFETY: plain value copied out of the map.
+    let args = unsafe { ARGS.get(&pid_tgid) }.copied()?;
+    if ARGS.remove(&pid_tgid).is_ok() {
+        // SAFETY: as above.
+        unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+    }
+    Some(args)
 }
 
 /// The replica the current task belongs to: `(cgroup id, mode)`, or `None` for every
@@ -123,11 +179,11 @@ const NOEXIST: u64 = 1;
 
 /// [`watched`], and for an exec in a cgroup not (yet) watched: is it a new replica, a child
 /// cgroup of a function's cgroup? Then it is watched from now on, with the function's mode,
-/// and user space is told. Runs at exec only (`sys_enter_execve`, `sched_process_exec`): the
+/// and user space is told. Runs at exec only (`execve` entry, `sched_process_exec`): the
 /// gateway moves a replica's process into its cgroup before the exec, so the replica is
 /// watched before its program runs, however quickly it serves its first request.
 #[inline(always)]
-pub fn watched_or_discover(ctx: &TracePointContext) -> Option<(u64, u32)> {
+pub fn watched_or_discover<C: EbpfContext>(ctx: &C) -> Option<(u64, u32)> {
     // SAFETY: the helper has no preconditions.
     let id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values are plain u32s that user space only replaces whole.
@@ -206,7 +262,7 @@ pub fn wakeup_flags(ring: &RingBuf) -> u64 {
 
 /// Counts a give-up in `STATS` and says so through aya-log.
 #[inline(always)]
-pub fn count(ctx: &TracePointContext, slot: u32) {
+pub fn count<C: EbpfContext>(ctx: &C, slot: u32) {
     if let Some(v) = STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, written only by this CPU.
         unsafe { *v += 1 };

@@ -1,57 +1,48 @@
-//! `syscalls:sys_exit_accept{,4}` and `sys_enter_close` in http-mode replicas: a fresh
-//! socket forgets any stale state of its fd number; a close ends the open exchange.
+//! accept/accept4 and close in http-mode replicas (entered through [`super::syscalls`]): a
+//! fresh socket forgets any stale state of its fd number; a close ends the open exchange.
 
-use agent_common::{conn, end};
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
-};
+use agent_common::{conn, end, mode};
+use aya_ebpf::EbpfContext;
 
-use super::{CONNS, http, watched};
+use super::{CONNS, SyscallArgs, call, http, keep_args};
 
-const RET: usize = 16;
-const FD: usize = 16;
-
+/// An accept in an http-mode replica: its exit is wanted (the new fd).
 #[inline(always)]
-fn accepted(ctx: &TracePointContext) -> u32 {
-    if watched().is_none() {
-        return 0;
+pub fn accept_enter(pid_tgid: u64, cgroup_id: u64, m: u32) {
+    if m != mode::HTTP {
+        return;
     }
-    // SAFETY: reading the tracepoint record.
-    let fd = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
-    if fd < 0 {
-        return 0;
+    let args = SyscallArgs {
+        buf: 0,
+        cgroup_id,
+        fd: 0,
+        vectored: 0,
+        call: call::ACCEPT,
+    };
+    keep_args(pid_tgid, &args);
+}
+
+/// The socket `ret` is new: whatever an earlier socket of that number left is stale.
+#[inline(always)]
+pub fn accepted(pid_tgid: u64, ret: i64) {
+    if ret < 0 {
+        return;
     }
-    let key = (bpf_get_current_pid_tgid() & 0xffff_ffff_0000_0000) | fd as u64;
+    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (ret as u64 & 0xffff_ffff);
     let _ = CONNS.remove(key);
-    0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
-pub fn tally_exit_accept(ctx: TracePointContext) -> u32 {
-    accepted(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
-pub fn tally_exit_accept4(ctx: TracePointContext) -> u32 {
-    accepted(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_close")]
-pub fn tally_enter_close(ctx: TracePointContext) -> u32 {
-    if watched().is_none() {
-        return 0;
-    }
-    // SAFETY: reading the tracepoint record.
-    let fd = unsafe { ctx.read_at::<u64>(FD).unwrap_or(0) };
-    let key = (bpf_get_current_pid_tgid() & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
+/// `close(fd)`: ends the exchange open on it, if any, and forgets the connection.
+#[inline(always)]
+pub fn close<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: u64) {
+    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
     let Some(c) = CONNS.get_ptr_mut(key) else {
-        return 0;
+        return;
     };
     // SAFETY: `c` points into CONNS.
     let state = unsafe { (*c).state };
     if state == conn::REQUEST || state == conn::RESPONSE {
-        http::finish(&ctx, c, end::CLOSE);
+        http::finish(ctx, c, end::CLOSE);
     }
     let _ = CONNS.remove(key);
-    0
 }

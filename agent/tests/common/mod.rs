@@ -305,6 +305,7 @@ impl TestAgent {
             poll_interval: Duration::from_millis(100),
             synced: Some(synced_tx),
             stats_interval: Duration::from_millis(500),
+            bpf_stats: true,
         };
         let task = tokio::spawn(run(
             kernel,
