@@ -137,7 +137,7 @@ impl CpuTimer {
             return Ok(());
         }
         let name = CPU_TIME_PROGRAM;
-        let prog = tracepoint(ebpf, name)?;
+        let prog: &mut TracePoint = typed(ebpf, name)?;
         match self.link.take() {
             Some(link) => {
                 prog.detach(link)
@@ -192,14 +192,14 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
             continue;
         }
         if p.raw {
-            let prog = raw_tracepoint(&mut ebpf, name)?;
+            let prog: &mut RawTracePoint = typed(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| Error::Program { name, source })?;
             prog.attach(p.tracepoint)
                 .map_err(|source| Error::Program { name, source })?;
             continue;
         }
-        let prog = tracepoint(&mut ebpf, name)?;
+        let prog: &mut TracePoint = typed(&mut ebpf, name)?;
         prog.load()
             .map_err(|source| Error::Program { name, source })?;
         // `sched_switch` waits for the first fork-mode replica (`CpuTimer`).
@@ -247,18 +247,11 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
     ebpf.take_map(name).ok_or(Error::MissingMap(name))
 }
 
-/// The tracepoint program `name` of the object.
-fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, Error> {
-    program(ebpf, name)?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })
-}
-
-/// The raw tracepoint program `name` of the object.
-fn raw_tracepoint<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut RawTracePoint, Error> {
+/// The program `name` of the object as its type (a tracepoint, a raw tracepoint).
+fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     program(ebpf, name)?
         .try_into()
         .map_err(|source| Error::Program { name, source })

@@ -119,6 +119,19 @@ pub struct SyscallArgs {
     pub call: u16,
 }
 
+impl SyscallArgs {
+    #[inline(always)]
+    pub fn new(call: u16, cgroup_id: u64, fd: u64, buf: u64, vectored: u16) -> Self {
+        Self {
+            buf,
+            cgroup_id,
+            fd: fd as u32,
+            vectored,
+            call,
+        }
+    }
+}
+
 /// Kinds of [`SyscallArgs`]: what the `sys_exit` program does with the returned value.
 pub mod call {
     /// read/recvfrom/readv: the bytes a request may begin with.

@@ -13,14 +13,10 @@ pub fn enter(pid_tgid: u64, cgroup_id: u64, m: u32, fd: u64, buf: u64, vectored:
     if m != mode::HTTP {
         return;
     }
-    let args = SyscallArgs {
-        buf,
-        cgroup_id,
-        fd: fd as u32,
-        vectored,
-        call: call::READ,
-    };
-    keep_args(pid_tgid, &args);
+    keep_args(
+        pid_tgid,
+        &SyscallArgs::new(call::READ, cgroup_id, fd, buf, vectored),
+    );
 }
 
 /// Looks at the `ret` bytes a read returned.

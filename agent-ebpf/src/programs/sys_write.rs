@@ -16,14 +16,10 @@ pub fn enter(pid_tgid: u64, cgroup_id: u64, fd: u64, buf: u64, vectored: u16) {
     if CONNS.get_ptr(key).is_none() {
         return;
     }
-    let args = SyscallArgs {
-        buf,
-        cgroup_id,
-        fd: fd as u32,
-        vectored,
-        call: call::WRITE,
-    };
-    keep_args(pid_tgid, &args);
+    keep_args(
+        pid_tgid,
+        &SyscallArgs::new(call::WRITE, cgroup_id, fd, buf, vectored),
+    );
 }
 
 /// Accounts the `ret` bytes a write sent.

@@ -104,11 +104,7 @@ impl Flusher {
             Some(spool) => match spool.reserve(&lines) {
                 Ok(w) => Some(w),
                 Err(e) => {
-                    gw.metrics
-                        .metering
-                        .with_label_values(&["spool_error"])
-                        .inc();
-                    tracing::error!("{e}: the events are kept in memory only");
+                    spool_failed(Some(gw), "writing to", &e);
                     None
                 }
             },
@@ -237,13 +233,7 @@ impl Shared {
             let sealed = match b.spool.as_mut().map(Spool::seal) {
                 Some(Ok(s)) => Some(s),
                 Some(Err(e)) => {
-                    if let Some(gw) = gw.upgrade() {
-                        gw.metrics
-                            .metering
-                            .with_label_values(&["spool_error"])
-                            .inc();
-                    }
-                    tracing::error!("sealing the metering spool: {e}");
+                    spool_failed(gw.upgrade().as_deref(), "sealing", &e);
                     None
                 }
                 None => None,
@@ -251,6 +241,17 @@ impl Shared {
             return (lines, sealed);
         }
     }
+}
+
+/// A spool failure: counted and logged; the events concerned are in memory only.
+fn spool_failed(gw: Option<&Gateway>, doing: &str, e: &SpoolError) {
+    if let Some(gw) = gw {
+        gw.metrics
+            .metering
+            .with_label_values(&["spool_error"])
+            .inc();
+    }
+    tracing::error!("{doing} the metering spool: {e}; the events are kept in memory only");
 }
 
 async fn flush_loop(
@@ -466,11 +467,21 @@ mod tests {
         let small: Vec<Bytes> = (0..2500).map(|_| Bytes::from(vec![b'x'; 99])).collect();
         let sizes: Vec<usize> = Chunks::new(&small, 1000).map(<[Bytes]>::len).collect();
         assert_eq!(sizes, [1000, 1000, 500]);
-        let big: Vec<Bytes> = (0..10).map(|_| Bytes::from(vec![b'x'; 300 << 10])).collect();
+        let big: Vec<Bytes> = (0..10)
+            .map(|_| Bytes::from(vec![b'x'; 300 << 10]))
+            .collect();
         let sizes: Vec<usize> = Chunks::new(&big, 1000).map(<[Bytes]>::len).collect();
-        assert_eq!(sizes, [2, 2, 2, 2, 2], "two of 300 KiB fit 768 KiB, three do not");
+        assert_eq!(
+            sizes,
+            [2, 2, 2, 2, 2],
+            "two of 300 KiB fit 768 KiB, three do not"
+        );
         let huge = vec![Bytes::from(vec![b'x'; 2 << 20])];
-        assert_eq!(Chunks::new(&huge, 1000).count(), 1, "an oversized event goes alone");
+        assert_eq!(
+            Chunks::new(&huge, 1000).count(),
+            1,
+            "an oversized event goes alone"
+        );
         assert_eq!(Chunks::new(&[], 1000).count(), 0);
     }
 }
