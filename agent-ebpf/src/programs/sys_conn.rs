@@ -12,7 +12,10 @@ pub fn accept_enter(pid_tgid: u64, cgroup_id: u64, m: u32) {
     if m != mode::HTTP {
         return;
     }
-    keep_args(pid_tgid, &SyscallArgs::new(call::ACCEPT, cgroup_id, 0, 0, 0));
+    keep_args(
+        pid_tgid,
+        &SyscallArgs::new(call::ACCEPT, cgroup_id, 0, 0, 0),
+    );
 }
 
 /// The socket `ret` is new: whatever an earlier socket of that number left is stale.

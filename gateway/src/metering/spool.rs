@@ -122,7 +122,10 @@ impl SpoolWriter {
         let end = self.at + self.len;
         let base = self.segment.map.as_mut_ptr();
         for line in lines {
-            debug_assert!(at + 1 + line.len() <= end, "reserved by `reserve` for these lines");
+            debug_assert!(
+                at + 1 + line.len() <= end,
+                "reserved by `reserve` for these lines"
+            );
             if at + 1 + line.len() > end {
                 return;
             }
@@ -373,7 +376,11 @@ impl Sealed {
 
     /// The files, for a log line.
     pub fn describe(&self) -> String {
-        let names: Vec<String> = self.paths().iter().map(|p| p.display().to_string()).collect();
+        let names: Vec<String> = self
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         names.join(", ")
     }
 }
@@ -430,7 +437,10 @@ fn segment_name(seq: u64) -> String {
 }
 
 fn seq_of(name: &str, prefix: &str) -> Option<u64> {
-    name.strip_prefix(prefix)?.strip_suffix(SUFFIX)?.parse().ok()
+    name.strip_prefix(prefix)?
+        .strip_suffix(SUFFIX)?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -465,7 +475,10 @@ mod tests {
             [&b[0], &b[1], &d[0]].map(|l| l.to_vec()).to_vec()
         );
         for s in old {
-            assert!(s.clear().is_none(), "files of a crashed process are not reused");
+            assert!(
+                s.clear().is_none(),
+                "files of a crashed process are not reused"
+            );
         }
         let (spool, old) = Spool::open(dir.path()).unwrap();
         assert!(old.is_empty(), "only the new, empty segment: {old:?}");
@@ -494,13 +507,20 @@ mod tests {
             .collect();
         // The torn `{"c` comes back as text that is not JSON (replay drops it); every
         // whole line comes back whole.
-        assert_eq!(text, ["{\"a\":1}\n", "{\"b\":2}\n", "{\"c\n", "{\"d\":4}\n"]);
+        assert_eq!(
+            text,
+            ["{\"a\":1}\n", "{\"b\":2}\n", "{\"c\n", "{\"d\":4}\n"]
+        );
     }
 
     #[test]
     fn files_of_the_write_based_spool_are_replayed_first() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("sealed-00000000000000000003.wal"), "{\"x\":1}\n").unwrap();
+        std::fs::write(
+            dir.path().join("sealed-00000000000000000003.wal"),
+            "{\"x\":1}\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join(LEGACY_CURRENT), "{\"y\":2}\n").unwrap();
         let (_spool, old) = Spool::open(dir.path()).unwrap();
         let lines: Vec<Vec<u8>> = old.iter().flat_map(|s| s.lines().unwrap()).collect();
