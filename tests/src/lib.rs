@@ -2,10 +2,12 @@
 //! commands (`cargo xtask ...`) from the workspace root and reading what they print,
 //! (`stack`) a real gateway and node agent as processes, and for the exactly-once billing
 //! run (`billing`) PostgreSQL, the billing receiver and NATS as processes, (`faults`) a
-//! switchable fault proxy in front of the receiver and (`load`) a paced invocation load.
+//! switchable fault proxy in front of the receiver, (`load`) a paced invocation load and
+//! (`http1`) a minimal keep-alive HTTP/1.1 client for load generators.
 
 pub mod billing;
 pub mod faults;
+pub mod http1;
 pub mod load;
 pub mod postgres;
 pub mod stack;

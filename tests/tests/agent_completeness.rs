@@ -1,15 +1,19 @@
 //! Completeness of kernel metering under load: a real gateway, the node agent with its
 //! eBPF programs attached, and 4 functions (2 http-mode Python servers, 2 fork-mode `cat`);
 //! invocations through the gateway, each with a unique `X-Call-Id`, on a schedule of
-//! 2,000/s for 60 s (1,800/s to the http functions, 200/s to the fork-mode ones). Every
+//! 2,080/s for 60 s (1,930/s to the http functions, 150/s to the fork-mode ones). Every
 //! invocation the gateway answered must have exactly one kernel event at `GET
-//! /system/usage` (matched by call id), none dropped. The gateway keeps only its newest
-//! 100,000 events, so they are collected while the load runs; duplicates are found by
-//! comparing the distinct events seen with the gateway's count of ingested ones. Optimized
-//! gateway and agent binaries: a debug gateway's CPU per call would be what limits the rate.
-//! On this 2-core VM the whole stack (load generator included) may not reach 2,000/s: the
-//! rate reached is printed and completeness is asserted at that rate. A second test scales
-//! functions up under load: the new replicas are metered from their first call.
+//! /system/usage` (matched by call id), none dropped, and at least 2,000 invocations/s
+//! must be answered over the load's wall time (printed per 10 s too). The gateway keeps
+//! only its newest 100,000 events, so they are collected while the load runs; duplicates
+//! are found by comparing the distinct events seen with the gateway's count of ingested
+//! ones.
+//! Optimized gateway and agent binaries (a debug gateway's CPU per call would be what
+//! limits the rate), a load generator of raw keep-alive connections and single-threaded
+//! Python servers: the whole stack shares the 2 cores, and a fork-mode call (4-6 ms of
+//! CPU, mostly the kernel copying and tearing down the gateway's page tables, growing with
+//! the gateway's memory) costs as much as ~20 http ones. A second test scales functions up
+//! under load: the new replicas are metered from their first call.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,17 +21,29 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tally_e2e::http1::Conn;
 use tally_e2e::stack::{Agent, Gateway, can_meter, client, sum_metric, use_release_binaries};
 
+/// The rate the claim is about: invocations answered per second over the whole load.
 const TARGET_RPS: f64 = 2000.0;
+/// The schedule runs 4% ahead of the target: the rate reached is answered calls over the
+/// load's wall time, last answers included, so a schedule of exactly 2,000/s ends a little
+/// under it.
+const PACE_RPS: f64 = 2080.0;
 const LOAD: Duration = Duration::from_secs(60);
 const MAX_CALLS: usize = 130_000;
 const WORKERS: usize = 32;
-/// Of the target rate, what the two fork-mode functions get (a process per call costs the
-/// gateway ~8× an http call: at an even split this 2-core VM would spend all its CPU on
-/// fork/exec long before 2,000/s), and the workers that send it.
-const FORK_RPS: f64 = 200.0;
-const FORK_WORKERS: usize = 4;
+/// Of the schedule, what the two fork-mode functions get (a process per call costs ~20×
+/// an http call, most of it the kernel copying and tearing down the gateway's page tables
+/// at fork/exec: at an even split this 2-core VM would spend all its CPU on fork/exec long
+/// before 2,000/s), and the workers that send it.
+const FORK_RPS: f64 = 150.0;
+const FORK_WORKERS: usize = 6;
+/// The collector's period and page: `limit` covers several periods at the pace, so no
+/// event leaves the gateway's window of 100,000 unseen; a small page is cloned and
+/// serialized by the gateway in a few ms, a short stall of the load it serves.
+const COLLECT_EVERY: Duration = Duration::from_secs(2);
+const COLLECT_LIMIT: usize = 12_000;
 const FUNCTIONS: [&str; 4] = ["py-a", "py-b", "fork-a", "fork-b"];
 
 /// The tests of this file load the same 2 cores: one at a time.
@@ -98,35 +114,35 @@ fn every_answered_invocation_has_exactly_one_kernel_event() {
         let (seen, done, url, auth) = (seen.clone(), done.clone(), gw.url.clone(), gw.auth.clone());
         std::thread::spawn(move || {
             let c = client();
+            let query = format!("limit={COLLECT_LIMIT}");
             while !done.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_secs(8));
-                let events = usage_json(&c, &url, &auth, "limit=30000");
+                std::thread::sleep(COLLECT_EVERY);
+                let events = usage_json(&c, &url, &auth, &query);
                 seen.lock().expect("lock").add(events);
             }
         })
     };
 
     let load_start = Instant::now();
-    // One shared schedule: ticket k is due at k / TARGET_RPS. Each worker serves one
-    // function and takes the next ticket when it is free, so the fast http functions take
-    // up what the fork-mode ones (a process per call) cannot, and the total is paced.
-    // Two schedules: the http functions' and the fork-mode functions'.
+    // Two schedules, the http functions' and the fork-mode functions': ticket k of one is
+    // due at k / its rate. Each worker serves one function and takes the next ticket of its
+    // schedule when it is free (slow fork-mode calls do not hold up the http ones).
     let tickets = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
             let fork = w < FORK_WORKERS;
             let (url, tickets) = (gw.url.clone(), tickets[usize::from(fork)].clone());
-            let rate = if fork {
-                FORK_RPS
-            } else {
-                TARGET_RPS - FORK_RPS
-            };
+            let rate = if fork { FORK_RPS } else { PACE_RPS - FORK_RPS };
             std::thread::spawn(move || {
-                let c = client();
+                // A raw keep-alive connection: ureq's CPU per call (debug test binary) was a
+                // fifth of what the whole stack could spend on one.
+                let mut c = Conn::new(&url, Duration::from_secs(20)).expect("gateway address");
                 let mut answered = Vec::new();
                 let mut failed = 0usize;
-                // A function per worker: slow fork-mode calls do not hold up the http ones.
+                // Answers per second of the load, for the rate over time.
+                let mut per_second = vec![0usize; LOAD.as_secs() as usize + 30];
                 let f = FUNCTIONS[usize::from(fork) * 2 + w % 2];
+                let path = format!("/function/{f}");
                 loop {
                     let k = tickets.fetch_add(1, Ordering::SeqCst);
                     let due = load_start + Duration::from_secs_f64(k as f64 / rate);
@@ -142,35 +158,41 @@ fn every_answered_invocation_has_exactly_one_kernel_event() {
                         std::thread::sleep(due - now);
                     }
                     let id = format!("c-{w}-{k}-{}", usize::from(fork));
-                    match c
-                        .post(&format!("{url}/function/{f}"))
-                        .header("X-Call-Id", &id)
-                        .send("x")
-                    {
-                        Ok(mut r) if r.status() == 200 => {
-                            let _ = r.body_mut().read_to_string();
+                    match c.send("POST", &path, &[("X-Call-Id", &id)], b"x") {
+                        Ok(r) if r.status == 200 => {
                             answered.push(id);
+                            let last = per_second.len() - 1;
+                            per_second[(load_start.elapsed().as_secs() as usize).min(last)] += 1;
                         }
                         _ => failed += 1,
                     }
                 }
-                (f, answered, failed)
+                (f, answered, failed, per_second)
             })
         })
         .collect();
     let mut answered: Vec<String> = Vec::new();
     let mut failed = 0;
     let mut per_function: HashMap<&str, usize> = HashMap::new();
+    let mut per_second = vec![0usize; LOAD.as_secs() as usize + 30];
     for w in workers {
-        let (f, a, n) = w.join().expect("load worker");
+        let (f, a, n, seconds) = w.join().expect("load worker");
         *per_function.entry(f).or_default() += a.len();
         answered.extend(a);
         failed += n;
+        for (total, n) in per_second.iter_mut().zip(seconds) {
+            *total += n;
+        }
     }
     let load_time = load_start.elapsed();
     let rate = answered.len() as f64 / load_time.as_secs_f64();
+    // The rate over each 10 s of the load: sustained, or reached only on average?
+    let windows: Vec<usize> = per_second[..LOAD.as_secs() as usize]
+        .chunks(10)
+        .map(|w| w.iter().sum::<usize>() / w.len())
+        .collect();
     eprintln!(
-        "load: {} answered, {failed} not, in {load_time:?}: {rate:.0} invocations/s (target {TARGET_RPS}); per function {per_function:?}",
+        "load: {} answered, {failed} not, in {load_time:?}: {rate:.0} invocations/s (target {TARGET_RPS}, paced at {PACE_RPS}); per 10 s {windows:?}; per function {per_function:?}",
         answered.len()
     );
     done.store(true, Ordering::SeqCst);
@@ -242,6 +264,11 @@ fn every_answered_invocation_has_exactly_one_kernel_event() {
     );
     assert_eq!(agent_dropped, 0.0, "the agent dropped usage events");
     assert_eq!(kernel_drops, 0.0, "the eBPF programs dropped records");
+    assert!(
+        rate >= TARGET_RPS,
+        "{rate:.0} invocations/s answered over the load, under the {TARGET_RPS}/s target \
+         (per 10 s: {windows:?})"
+    );
     eprintln!(
         "completeness at {rate:.0} invocations/s: {} of {} answered invocations, each with exactly one kernel event; total test time {:?}",
         answered.len(),
@@ -250,8 +277,6 @@ fn every_answered_invocation_has_exactly_one_kernel_event() {
     );
 }
 
-/// `GET /system/usage?{query}`, read whole: tens of MB for 100,000 events, past ureq's
-/// default 10 MB body limit (which would silently read as no events at all).
 /// Calls each function (call id `{prefix}-{f}`) until the gateway has its kernel event;
 /// at most 20 s in all.
 fn wait_metered(gw: &Gateway, functions: &[&str], prefix: &str) {
@@ -269,6 +294,8 @@ fn wait_metered(gw: &Gateway, functions: &[&str], prefix: &str) {
     }
 }
 
+/// `GET /system/usage?{query}`, read whole: tens of MB for 100,000 events, past ureq's
+/// default 10 MB body limit (which would silently read as no events at all).
 fn usage_json(c: &ureq::Agent, url: &str, auth: &str, query: &str) -> Vec<Value> {
     let mut r = c
         .get(&format!("{url}/system/usage?{query}"))
