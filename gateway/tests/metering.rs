@@ -188,7 +188,8 @@ async fn every_invocation_is_one_signed_event() {
     );
     assert_eq!(
         metric(&m, "gateway_metering_events_total{stage=\"dropped\"}"),
-        None
+        Some(0.0),
+        "dropped is exported (at 0) for alerting"
     );
 }
 

@@ -37,6 +37,184 @@ impl FunctionUsage {
     }
 }
 
+/// A usage event by reference, written as its JSON line without building a
+/// [`FunctionUsage`] first: the invocation path's encoder, byte for byte what serde writes.
+pub struct UsageLine<'a> {
+    pub id: &'a str,
+    pub namespace: &'a str,
+    pub function_name: &'a str,
+    pub started: &'a str,
+    pub duration: u64,
+    pub memory_bytes: u64,
+    pub call_id: Option<&'a str>,
+    pub status_code: u16,
+    pub memory_peak_bytes: Option<u64>,
+    pub cpu_ns: Option<u64>,
+    pub cold_start: bool,
+    pub init_duration_ns: Option<u64>,
+    pub billed_duration_ms: u64,
+    pub source: &'a str,
+}
+
+impl UsageLine<'_> {
+    /// Appends the event as one JSON object (no newline).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"event\":\"function_usage\",\"id\":");
+        string(out, self.id);
+        out.extend_from_slice(b",\"namespace\":");
+        string(out, self.namespace);
+        out.extend_from_slice(b",\"function_name\":");
+        string(out, self.function_name);
+        out.extend_from_slice(b",\"started\":");
+        string(out, self.started);
+        out.extend_from_slice(b",\"duration\":");
+        number(out, self.duration);
+        out.extend_from_slice(b",\"memory_bytes\":");
+        number(out, self.memory_bytes);
+        out.extend_from_slice(b",\"call_id\":");
+        match self.call_id {
+            Some(id) => string(out, id),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"status_code\":");
+        number(out, u64::from(self.status_code));
+        out.extend_from_slice(b",\"memory_peak_bytes\":");
+        optional(out, self.memory_peak_bytes);
+        out.extend_from_slice(b",\"cpu_ns\":");
+        optional(out, self.cpu_ns);
+        out.extend_from_slice(if self.cold_start {
+            b",\"cold_start\":true,\"init_duration_ns\":"
+        } else {
+            b",\"cold_start\":false,\"init_duration_ns\":"
+        });
+        optional(out, self.init_duration_ns);
+        out.extend_from_slice(b",\"billed_duration_ms\":");
+        number(out, self.billed_duration_ms);
+        out.extend_from_slice(b",\"source\":");
+        string(out, self.source);
+        out.push(b'}');
+    }
+}
+
+impl FunctionUsage {
+    pub fn as_line(&self) -> UsageLine<'_> {
+        UsageLine {
+            id: &self.id,
+            namespace: &self.namespace,
+            function_name: &self.function_name,
+            started: &self.started,
+            duration: self.duration,
+            memory_bytes: self.memory_bytes,
+            call_id: self.call_id.as_deref(),
+            status_code: self.status_code,
+            memory_peak_bytes: self.memory_peak_bytes,
+            cpu_ns: self.cpu_ns,
+            cold_start: self.cold_start,
+            init_duration_ns: self.init_duration_ns,
+            billed_duration_ms: self.billed_duration_ms,
+            source: &self.source,
+        }
+    }
+}
+
+fn number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn optional(out: &mut Vec<u8>, n: Option<u64>) {
+    match n {
+        Some(n) => number(out, n),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A JSON string with serde_json's escapes: `"`, `\` and control characters only.
+fn string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// RFC3339 in UTC with nanoseconds (`2026-11-23T03:02:01.123456789Z`), as chrono's
+/// `to_rfc3339_opts(Nanos, true)` writes it, into a stack buffer.
+pub struct Rfc3339 {
+    buf: [u8; 30],
+}
+
+impl Rfc3339 {
+    /// `None` before 1970 or after 9999, which the caller formats the slow way.
+    pub fn new(t: std::time::SystemTime) -> Option<Self> {
+        let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+        let secs = since.as_secs();
+        let days = i64::try_from(secs / 86_400).ok()?;
+        let rem = secs % 86_400;
+        let (year, month, day) = civil_from_days(days);
+        if year > 9999 {
+            return None;
+        }
+        let mut buf = *b"0000-00-00T00:00:00.000000000Z";
+        let mut put = |at: usize, width: usize, mut v: u64| {
+            for i in (at..at + width).rev() {
+                buf[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year as u64);
+        put(5, 2, u64::from(month));
+        put(8, 2, u64::from(day));
+        put(11, 2, rem / 3600);
+        put(14, 2, rem % 3600 / 60);
+        put(17, 2, rem % 60);
+        put(20, 9, u64::from(since.subsec_nanos()));
+        Some(Self { buf })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.buf).unwrap_or_default()
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +225,74 @@ mod tests {
         assert_eq!(FunctionUsage::billed_ms(1), 1);
         assert_eq!(FunctionUsage::billed_ms(1_000_000), 1);
         assert_eq!(FunctionUsage::billed_ms(1_000_001), 2);
+    }
+
+    fn sample(i: u64) -> FunctionUsage {
+        let odd = |s: &str| {
+            if i % 2 == 1 {
+                format!("{s}\"q\\\u{1}\u{1f}\n\t\r\u{8}\u{c}é✓\u{7f}")
+            } else {
+                s.to_string()
+            }
+        };
+        FunctionUsage {
+            event: "function_usage".into(),
+            id: odd("0b6d4a1e-3c5f-4e0a-9d2b-7f1c2e3a4b5c"),
+            namespace: odd("openfaas-fn"),
+            function_name: odd("tiny"),
+            started: "2026-11-23T03:02:01.000000123Z".into(),
+            duration: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            memory_bytes: u64::MAX - i,
+            call_id: (!i.is_multiple_of(3)).then(|| odd("call")),
+            status_code: [200, 0, 599, 65535][(i % 4) as usize],
+            memory_peak_bytes: i.is_multiple_of(2).then_some(i << 20),
+            cpu_ns: (!i.is_multiple_of(5)).then_some(i),
+            cold_start: i.is_multiple_of(2),
+            init_duration_ns: (!i.is_multiple_of(7)).then_some(i * 13),
+            billed_duration_ms: i / 3,
+            source: odd("gateway"),
+        }
+    }
+
+    #[test]
+    fn the_hand_encoder_writes_what_serde_writes() {
+        for i in 0..64 {
+            let event = sample(i);
+            let mut line = Vec::new();
+            event.as_line().write(&mut line);
+            let expected = serde_json::to_vec(&event).expect("serializable");
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                String::from_utf8_lossy(&expected),
+                "event {i}"
+            );
+            let back: FunctionUsage = serde_json::from_slice(&line).expect("parses");
+            assert_eq!(back, event);
+        }
+    }
+
+    #[test]
+    fn timestamps_are_formatted_as_chrono_formats_them() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let mut t = 0u64;
+        for i in 0..20_000u64 {
+            // Spread over 1970..2500, leap days and month ends included.
+            t = t
+                .wrapping_add(0x2545_f491_4f6c_dd1d)
+                .wrapping_mul(6364136223846793005);
+            let secs = match i {
+                0 => 0,
+                1 => 951_782_400,   // 2000-02-29
+                2 => 4_107_542_399, // 2100-02-28T23:59:59
+                _ => t % 16_725_225_600,
+            };
+            let at = UNIX_EPOCH + Duration::new(secs, (t % 1_000_000_000) as u32);
+            let ours = Rfc3339::new(at).expect("in range");
+            let theirs = chrono::DateTime::<chrono::Utc>::from(at)
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            assert_eq!(ours.as_str(), theirs, "{secs}");
+        }
+        assert!(Rfc3339::new(UNIX_EPOCH - Duration::from_secs(1)).is_none());
+        assert!(Rfc3339::new(UNIX_EPOCH + Duration::from_secs(253_402_300_800)).is_none());
     }
 }

@@ -2,15 +2,17 @@
 //! (beyond a copy into the spool), flushed to JetStream `TALLY_USAGE` every N events or T.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use prometheus::IntCounter;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::event::FunctionUsage;
+use super::event::{FunctionUsage, UsageLine};
+use super::message;
 use super::spool::{self, Sealed, Spool, SpoolError};
 use crate::Gateway;
 
@@ -18,6 +20,17 @@ pub const STREAM: &str = "TALLY_USAGE";
 pub const SUBJECT: &str = "tally.usage.events";
 pub const PARKED_STREAM: &str = "TALLY_USAGE_PARKED";
 pub const PARKED_SUBJECT: &str = "tally.usage.parked";
+
+/// An event's line as buffered, spooled and published: its JSON and a newline.
+pub fn line(event: &UsageLine<'_>) -> Bytes {
+    let mut out = Vec::with_capacity(LINE_CAPACITY);
+    event.write(&mut out);
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+/// Enough for a typical event's line without growing.
+const LINE_CAPACITY: usize = 512;
 
 /// Where metered events go; cheap to clone.
 #[derive(Clone)]
@@ -30,6 +43,13 @@ struct Shared {
     wake: Notify,
     capacity: usize,
     every: usize,
+    /// The metering counters the invocation path bumps, looked up once.
+    counters: OnceLock<Counters>,
+}
+
+struct Counters {
+    produced: IntCounter,
+    dropped: IntCounter,
 }
 
 #[derive(Default)]
@@ -70,6 +90,7 @@ impl Flusher {
             wake: Notify::new(),
             capacity: capacity.max(1),
             every: every.max(1),
+            counters: OnceLock::new(),
         });
         tokio::spawn(flush_loop(gw, shared.clone(), interval, replay));
         Ok(Self { shared })
@@ -78,30 +99,27 @@ impl Flusher {
     /// Buffers an event (spooled first) without waiting on NATS; a full buffer drops it
     /// and says so.
     pub fn send(&self, gw: &Gateway, event: FunctionUsage) {
-        self.send_all(gw, std::iter::once(event));
+        self.send_line(gw, line(&event.as_line()));
+    }
+
+    /// Buffers one event already written as its line (see [`line`]).
+    pub fn send_line(&self, gw: &Gateway, line: Bytes) {
+        self.buffer(gw, std::slice::from_ref(&line));
     }
 
     /// Buffers events (an ingested batch: one spool reservation for all of them).
     pub fn send_all(&self, gw: &Gateway, events: impl IntoIterator<Item = FunctionUsage>) {
-        let mut lines = Vec::new();
-        for event in events {
-            match serde_json::to_vec(&event) {
-                Ok(mut line) => {
-                    line.push(b'\n');
-                    lines.push(Bytes::from(line));
-                }
-                Err(e) => {
-                    gw.metrics.metering.with_label_values(&["dropped"]).inc();
-                    tracing::error!("usage event not serializable: {e}");
-                }
-            }
-        }
+        let lines: Vec<Bytes> = events.into_iter().map(|e| line(&e.as_line())).collect();
+        self.buffer(gw, &lines);
+    }
+
+    fn buffer(&self, gw: &Gateway, lines: &[Bytes]) {
         let mut b = self.shared.lock();
         let room = self.shared.capacity.saturating_sub(b.lines.len());
         let dropped = lines.len().saturating_sub(room);
-        lines.truncate(room);
+        let lines = &lines[..lines.len() - dropped];
         let writer = match b.spool.as_mut().filter(|_| !lines.is_empty()) {
-            Some(spool) => match spool.reserve(&lines) {
+            Some(spool) => match spool.reserve(lines) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     spool_failed(Some(gw), "writing to", &e);
@@ -122,19 +140,17 @@ impl Flusher {
         // it: if a flush seals the segment in between, these events are in the batch being
         // published and in that segment.
         if let Some(w) = writer {
-            w.write(&lines);
+            w.write(lines);
         }
+        let counters = self.shared.counters.get_or_init(|| Counters {
+            produced: gw.metrics.metering.with_label_values(&["produced"]),
+            dropped: gw.metrics.metering.with_label_values(&["dropped"]),
+        });
         if dropped > 0 {
-            gw.metrics
-                .metering
-                .with_label_values(&["dropped"])
-                .inc_by(dropped as u64);
+            counters.dropped.inc_by(dropped as u64);
             tracing::error!(dropped, "metering buffer full: usage events dropped");
         }
-        gw.metrics
-            .metering
-            .with_label_values(&["produced"])
-            .inc_by(added as u64);
+        counters.produced.inc_by(added as u64);
         if (was_empty && n > 0) || n >= self.shared.every {
             self.shared.wake.notify_one();
         }
@@ -387,7 +403,7 @@ impl<'a> Iterator for Chunks<'a> {
     }
 }
 
-/// One JetStream message per chunk: a JSON array, deduplicated by its first event's id
+/// One JetStream message per chunk (see [`message`]), deduplicated by its first event's id
 /// and length (a replayed chunk is the same message).
 async fn publish(gw: &Gateway, chunk: &[Bytes], streams_ready: &mut bool) -> Result<(), String> {
     let queue = gw
@@ -401,18 +417,11 @@ async fn publish(gw: &Gateway, chunk: &[Bytes], streams_ready: &mut bool) -> Res
     }
     let first: FunctionUsage =
         serde_json::from_slice(&chunk[0]).map_err(|e| format!("spooled event: {e}"))?;
-    let mut payload = Vec::with_capacity(chunk.iter().map(Bytes::len).sum::<usize>() + 2);
-    payload.push(b'[');
-    for (i, line) in chunk.iter().enumerate() {
-        if i > 0 {
-            payload.push(b',');
-        }
-        payload.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
-    }
-    payload.push(b']');
+    let (payload, headers) = message::encode(chunk);
     let msg_id = format!("{}+{}", first.id, chunk.len());
     let publish = jetstream::message::PublishMessage::build()
-        .payload(payload.into())
+        .payload(payload)
+        .headers(headers)
         .message_id(msg_id);
     let sent = async {
         let ack = queue

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::event::FunctionUsage;
-use super::flush::Flusher;
+use super::event::{FunctionUsage, Rfc3339, UsageLine};
+use super::flush::{self, Flusher};
 use super::ingest::UsageEvent;
 use crate::Gateway;
 use crate::config::MeteringConfig;
@@ -90,27 +90,55 @@ impl Meter {
             return;
         }
         let duration = m.duration.as_nanos() as u64;
-        let event = FunctionUsage {
-            event: "function_usage".into(),
-            id: uuid::Uuid::new_v4().to_string(),
-            namespace: m.namespace.to_string(),
-            function_name: m.function.to_string(),
-            started: rfc3339(m.started),
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
+        let fast = Rfc3339::new(m.started);
+        let slow;
+        let started = match &fast {
+            Some(s) => s.as_str(),
+            None => {
+                slow = rfc3339(m.started);
+                &slow
+            }
+        };
+        let line = UsageLine {
+            id,
+            namespace: m.namespace,
+            function_name: m.function,
+            started,
             duration,
             memory_bytes: m.memory_limit.unwrap_or(self.default_memory),
-            call_id: Some(m.call_id.to_string()),
+            call_id: Some(m.call_id),
             status_code: m.status,
             memory_peak_bytes: None,
             cpu_ns: None,
             cold_start: m.cold_start.is_some(),
             init_duration_ns: m.cold_start.map(|d| d.as_nanos() as u64),
             billed_duration_ms: FunctionUsage::billed_ms(duration),
-            source: "gateway".into(),
+            source: "gateway",
         };
         if !self.agent_active() {
-            self.flusher.send(gw, event);
+            // The common case writes the line straight from the measurements.
+            self.flusher.send_line(gw, flush::line(&line));
             return;
         }
+        let event = FunctionUsage {
+            event: "function_usage".into(),
+            id: line.id.to_string(),
+            namespace: line.namespace.to_string(),
+            function_name: line.function_name.to_string(),
+            started: line.started.to_string(),
+            duration,
+            memory_bytes: line.memory_bytes,
+            call_id: Some(m.call_id.to_string()),
+            status_code: m.status,
+            memory_peak_bytes: None,
+            cpu_ns: None,
+            cold_start: line.cold_start,
+            init_duration_ns: line.init_duration_ns,
+            billed_duration_ms: line.billed_duration_ms,
+            source: "gateway".into(),
+        };
         let now = Instant::now();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.order.push_back((now, m.call_id.to_string()));

@@ -5,6 +5,7 @@
 pub mod event;
 pub mod flush;
 pub mod ingest;
+pub mod message;
 pub mod meter;
 pub mod parked;
 pub mod sign;

@@ -2,7 +2,7 @@
 //! signed batches, acks only after a 2xx, retries 5xx and outages with capped backoff,
 //! and parks a batch the receiver refuses (4xx) for inspection.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
@@ -10,9 +10,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
+use memchr::memmem;
 
 use super::flush::{PARKED_SUBJECT, STREAM, ensure_streams};
-use super::sign;
+use super::{message, sign};
 use crate::Gateway;
 
 const CONSUMER: &str = "tally_event_worker";
@@ -136,7 +137,7 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
 /// one's end time for the delivery-lag histogram.
 #[derive(Default)]
 struct Events {
-    /// The elements of the body's JSON array, comma-separated (no brackets yet).
+    /// The elements of the body's JSON array, one per line (no brackets yet).
     body: Vec<u8>,
     /// Unix nanoseconds at which each event's invocation ended (None: unreadable time).
     ended: Vec<Option<i128>>,
@@ -149,6 +150,16 @@ impl Events {
 
     fn is_empty(&self) -> bool {
         self.ended.is_empty()
+    }
+
+    /// Adds one event's JSON text (one per line in the body).
+    fn push(&mut self, event: &str) {
+        if !self.body.is_empty() {
+            self.body.extend_from_slice(b",\n");
+        }
+        self.body.extend_from_slice(event.as_bytes());
+        self.ended
+            .push(Timing::of(event).and_then(|t| t.ended_ns()));
     }
 
     fn into_body(self) -> Bytes {
@@ -171,11 +182,18 @@ impl<'a> Timing<'a> {
     /// Finds the fields in an event's text: a scan for the keys the gateway's own
     /// serializer writes (every event in the stream went through it), else a parse.
     fn of(event: &'a str) -> Option<Self> {
+        static STARTED: LazyLock<memmem::Finder<'static>> =
+            LazyLock::new(|| memmem::Finder::new(b"\"started\":\""));
+        static DURATION: LazyLock<memmem::Finder<'static>> =
+            LazyLock::new(|| memmem::Finder::new(b"\"duration\":"));
         let scanned = || {
-            let after = |key: &str| event.find(key).map(|i| &event[i + key.len()..]);
-            let started = after("\"started\":\"")?;
+            let after = |key: &memmem::Finder<'_>| {
+                let at = key.find(event.as_bytes())? + key.needle().len();
+                event.get(at..)
+            };
+            let started = after(&STARTED)?;
             let started = &started[..started.find('"')?];
-            let duration = after("\"duration\":")?;
+            let duration = after(&DURATION)?;
             let end = duration
                 .find(|c: char| !c.is_ascii_digit())
                 .unwrap_or(duration.len());
@@ -202,16 +220,26 @@ async fn take(
     batch: &mut Vec<jetstream::Message>,
     events: &mut Events,
 ) {
-    match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&m.payload) {
+    let text = match message::text(m.headers.as_ref(), &m.payload) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::error!("unreadable usage message parked: {e}");
+            park(js, &m.payload, 0, &format!("unreadable: {e}")).await;
+            let _ = m.double_ack().await;
+            return;
+        }
+    };
+    if let Some(found) = message::events(m.headers.as_ref(), &text) {
+        for e in found {
+            events.push(e);
+        }
+        batch.push(m);
+        return;
+    }
+    match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&text) {
         Ok(raw) => {
             for e in raw {
-                if !events.body.is_empty() {
-                    events.body.push(b',');
-                }
-                events.body.extend_from_slice(e.get().as_bytes());
-                events
-                    .ended
-                    .push(Timing::of(e.get()).and_then(|t| t.ended_ns()));
+                events.push(e.get());
             }
             batch.push(m);
         }
