@@ -59,6 +59,13 @@ pub struct UsageLine<'a> {
 impl UsageLine<'_> {
     /// Appends the event as one JSON object (no newline).
     pub fn write(&self, out: &mut Vec<u8>) {
+        out.reserve(
+            320 + self.id.len()
+                + self.namespace.len()
+                + self.function_name.len()
+                + self.call_id.map_or(0, str::len)
+                + self.source.len(),
+        );
         out.extend_from_slice(b"{\"event\":\"function_usage\",\"id\":");
         string(out, self.id);
         out.extend_from_slice(b",\"namespace\":");
@@ -132,6 +139,14 @@ fn optional(out: &mut Vec<u8>, n: Option<u64>) {
 fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Ids, names and times never need an escape: one branch-free pass finds that out.
+    if !bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    }) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {

@@ -137,7 +137,7 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
 /// one's end time for the delivery-lag histogram.
 #[derive(Default)]
 struct Events {
-    /// The elements of the body's JSON array, one per line (no brackets yet).
+    /// The body's JSON array so far, one event per line (`[` but no `]` yet).
     body: Vec<u8>,
     /// Unix nanoseconds at which each event's invocation ended (None: unreadable time).
     ended: Vec<Option<i128>>,
@@ -154,7 +154,9 @@ impl Events {
 
     /// Adds one event's JSON text (one per line in the body).
     fn push(&mut self, event: &str) {
-        if !self.body.is_empty() {
+        if self.body.is_empty() {
+            self.body.push(b'[');
+        } else {
             self.body.extend_from_slice(b",\n");
         }
         self.body.extend_from_slice(event.as_bytes());
@@ -162,12 +164,12 @@ impl Events {
             .push(Timing::of(event).and_then(|t| t.ended_ns()));
     }
 
-    fn into_body(self) -> Bytes {
-        let mut body = Vec::with_capacity(self.body.len() + 2);
-        body.push(b'[');
-        body.extend_from_slice(&self.body);
-        body.push(b']');
-        Bytes::from(body)
+    fn into_body(mut self) -> Bytes {
+        if self.body.is_empty() {
+            self.body.push(b'[');
+        }
+        self.body.push(b']');
+        Bytes::from(self.body)
     }
 }
 
