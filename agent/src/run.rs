@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use agent_common::{CgroupMem, HttpRecord, NewCgroup, ProcessRecord};
 use aya::maps::{MapData, RingBuf};
+use prometheus::{Gauge, Histogram};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -22,9 +23,13 @@ use crate::{
 };
 
 /// How often the ring buffers are drained without a wakeup: the kernel wakes the agent only
-/// once 64 KiB of records wait (`WAKE_AT_BYTES` in agent-ebpf), so a busy node costs a
-/// wakeup per batch, not per invocation, and a quiet one delivers within this interval.
+/// once 1 MiB of http records (64 KiB of process records) wait (`HTTP_WAKE_AT`,
+/// `PROCESS_WAKE_AT` in agent-ebpf), so a busy node costs a timer tick per 10 ms, not a
+/// wakeup per invocation, and a quiet one delivers within this interval.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// An http record carries its fixed fields and then only the request head bytes it holds.
+const HTTP_RECORD_MIN: usize = std::mem::offset_of!(HttpRecord, head);
 
 /// Tunables of the main loop.
 #[derive(Clone, Debug)]
@@ -102,16 +107,9 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut syncs = 0u64;
-    let emit = |ev: UsageEvent| {
-        let labels = [ev.namespace.as_str(), ev.function_name.as_str()];
-        metrics
-            .duration
-            .with_label_values(&labels)
-            .observe(ev.duration_ns as f64 / 1e9);
-        metrics
-            .memory_peak
-            .with_label_values(&labels)
-            .set(ev.memory_peak_bytes as f64);
+    let mut per_function = FunctionMetrics::default();
+    let mut emit = |ev: UsageEvent| {
+        per_function.observe(&metrics, &ev);
         sink.submit(ev);
     };
     loop {
@@ -135,8 +133,8 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             }
             _ = drain_tick.tick() => {
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_processes(process_events.get_mut(), &mut joiner, &metrics, &emit);
-                drain_http(http_events.get_mut(), &mut joiner, &metrics, &emit);
+                drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut emit);
+                drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut emit);
             }
             guard = new_cgroups.readable_mut() => {
                 let mut guard = guard?;
@@ -147,13 +145,13 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
                 let mut guard = guard?;
                 // A record may come from a replica found after the last look at NEW_CGROUPS.
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_processes(guard.get_inner_mut(), &mut joiner, &metrics, &emit);
+                drain_processes(guard.get_inner_mut(), &mut joiner, &metrics, &mut emit);
                 guard.clear_ready();
             }
             guard = http_events.readable_mut() => {
                 let mut guard = guard?;
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_http(guard.get_inner_mut(), &mut joiner, &metrics, &emit);
+                drain_http(guard.get_inner_mut(), &mut joiner, &metrics, &mut emit);
                 guard.clear_ready();
             }
             guard = async { logger.as_mut().expect("guarded").readable_mut().await }, if logger.is_some() => {
@@ -163,16 +161,55 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             }
             _ = stats_tick.tick() => {
                 kernel_stats(&ebpf, &stats, &metrics);
-                sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &metrics, &emit);
+                sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &metrics, &mut emit);
             }
             _ = shutdown.changed() => break,
         }
     }
     drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-    drain_processes(process_events.get_mut(), &mut joiner, &metrics, &emit);
-    drain_http(http_events.get_mut(), &mut joiner, &metrics, &emit);
+    drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut emit);
+    drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut emit);
     info!("agent stopped; eBPF programs detach now");
     Ok(())
+}
+
+/// The per-function handles of the two metrics every event updates, so that an event costs
+/// no label hashing and no lock (`with_label_values` does both, twice per event).
+#[derive(Default)]
+struct FunctionMetrics {
+    known: Vec<(String, String, Histogram, Gauge)>,
+}
+
+/// Functions whose handles are kept; past it the list starts over (deleted functions'
+/// handles go with it).
+const FUNCTION_METRICS_MAX: usize = 256;
+
+impl FunctionMetrics {
+    fn observe(&mut self, metrics: &Metrics, ev: &UsageEvent) {
+        let found = self
+            .known
+            .iter()
+            .position(|(ns, f, ..)| *f == ev.function_name && *ns == ev.namespace);
+        let i = match found {
+            Some(i) => i,
+            None => {
+                if self.known.len() >= FUNCTION_METRICS_MAX {
+                    self.known.clear();
+                }
+                let labels = [ev.namespace.as_str(), ev.function_name.as_str()];
+                self.known.push((
+                    ev.namespace.clone(),
+                    ev.function_name.clone(),
+                    metrics.duration.with_label_values(&labels),
+                    metrics.memory_peak.with_label_values(&labels),
+                ));
+                self.known.len() - 1
+            }
+        };
+        let (.., duration, memory_peak) = &self.known[i];
+        duration.observe(ev.duration_ns as f64 / 1e9);
+        memory_peak.set(ev.memory_peak_bytes as f64);
+    }
 }
 
 /// Names the replicas the kernel began watching by itself (before their records).
@@ -193,7 +230,7 @@ fn drain_processes(
     ring: &mut RingBuf<MapData>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &impl Fn(UsageEvent),
+    emit: &mut impl FnMut(UsageEvent),
 ) {
     while let Some(item) = ring.next() {
         let Some(r) = sys::decode::<ProcessRecord>(&item) else {
@@ -211,10 +248,10 @@ fn drain_http(
     ring: &mut RingBuf<MapData>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &impl Fn(UsageEvent),
+    emit: &mut impl FnMut(UsageEvent),
 ) {
     while let Some(item) = ring.next() {
-        let Some(r) = sys::decode::<HttpRecord>(&item) else {
+        let Some(r) = sys::decode_prefix::<HttpRecord>(&item, HTTP_RECORD_MIN) else {
             continue;
         };
         match joiner.http(&r) {
@@ -234,7 +271,7 @@ fn sweep(
     cgroup_mem: &mut aya::maps::HashMap<MapData, u64, CgroupMem>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &impl Fn(UsageEvent),
+    emit: &mut impl FnMut(UsageEvent),
 ) {
     let alive = |tgid: u32| std::path::Path::new(&format!("/proc/{tgid}")).exists();
     let dead: Vec<u64> = conns

@@ -21,6 +21,24 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// Decodes a ring-buffer item that may stop short of `T`'s end (the kernel sends an
+/// [`HttpRecord`] only up to the request head bytes it holds): the missing tail reads as
+/// zeros. `None` if the item is shorter than `min_len`.
+pub fn decode_prefix<T: Record>(bytes: &[u8], min_len: usize) -> Option<T> {
+    if bytes.len() < min_len {
+        return None;
+    }
+    let n = bytes.len().min(mem::size_of::<T>());
+    let mut value = mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: at most size_of::<T>() bytes are copied into the value's own storage, from a
+    // slice holding at least that many; the rest stays zeroed, and `Record` types are
+    // #[repr(C)] integers/byte arrays, for which any bits (zeros included) are valid.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), value.as_mut_ptr().cast::<u8>(), n);
+        Some(value.assume_init())
+    }
+}
+
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -81,4 +99,30 @@ pub fn readable<T: std::os::fd::AsRawFd>(inner: T) -> io::Result<tokio::io::unix
         tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
     }
     .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::HttpRecord;
+
+    use super::*;
+
+    #[test]
+    fn a_short_http_record_decodes_with_a_zeroed_tail() {
+        let head_at = mem::offset_of!(HttpRecord, head);
+        let mut bytes = vec![0u8; head_at + 5];
+        bytes[..8].copy_from_slice(&42u64.to_ne_bytes()); // cgroup_id
+        bytes[head_at..].copy_from_slice(b"GET /");
+        let r: HttpRecord = decode_prefix(&bytes, head_at).expect("long enough");
+        assert_eq!(r.cgroup_id, 42);
+        assert_eq!(&r.head[..5], b"GET /");
+        assert!(r.head[5..].iter().all(|&b| b == 0));
+        assert!(decode_prefix::<HttpRecord>(&bytes[..head_at - 1], head_at).is_none());
+        // A full record (and anything longer) still decodes whole.
+        let full = vec![1u8; mem::size_of::<HttpRecord>() + 8];
+        let r: HttpRecord = decode_prefix(&full, head_at).expect("full");
+        assert_eq!(r.head[HEAD_LEN_LAST], 1);
+    }
+
+    const HEAD_LEN_LAST: usize = agent_common::HEAD_LEN - 1;
 }

@@ -19,6 +19,8 @@ pub enum Which {
     Async,
     /// Gateway throughput with the node agent attached vs detached.
     Agent,
+    /// ns per syscall of an unwatched process with the node agent attached vs detached.
+    Syscalls,
     /// Sync throughput with metering (webhook batches) on vs off.
     Metering,
     /// Usage events from their source to committed PostgreSQL rows: events/s and lag.
@@ -155,6 +157,7 @@ pub fn run(args: Args) -> Result<()> {
         Which::Agent => {
             return crate::bench_agent::run(args.seconds, args.rounds, args.connections);
         }
+        Which::Syscalls => return crate::bench_syscalls::run(args.rounds),
         Which::Metering => return run_metering(&args),
         Which::Billing => {
             return crate::bench_billing::run(args.seconds.max(20), args.rate, args.connections);

@@ -14,6 +14,9 @@
 //! syscall programs run on every syscall of the node and return at once for unwatched
 //! cgroups, so this is the whole in-kernel cost, not only the function's share. Stats add
 //! two clock reads to every program run, which is why the agent's cost is the second arm.
+//! `TALLY_BENCH_AGENT_BASELINE=PATH` adds two arms: another agent binary (say, the last
+//! commit's release build) as deployed and with bpf_stats on, in the same rotation, to judge
+//! a change on a noisy machine against its baseline measured in the same minutes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,7 +67,12 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     // no replica (its replica list comes from an address nothing listens on): the cost of
     // the programs' hooks alone, with no event made or sent. (`sched_switch`, for fork-mode
     // `cpu_ns`, is attached only while fork-mode functions exist: not here.)
-    const ARMS: [(&str, Option<&[&str]>); 4] = [
+    // With TALLY_BENCH_AGENT_BASELINE=PATH (another build of the agent, e.g. the last
+    // commit's), two more arms run that binary as deployed and with bpf_stats on, interleaved
+    // with the others: on a shared, noisy machine a change is best judged against its
+    // baseline in the same rounds.
+    let baseline = std::env::var_os("TALLY_BENCH_AGENT_BASELINE").map(PathBuf::from);
+    let mut arms: Vec<(&str, Option<&[&str]>)> = vec![
         ("agent detached", None),
         ("agent attached", Some(&[])),
         (
@@ -73,21 +81,32 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         ),
         ("agent attached, no replica watched", Some(&[])),
     ];
-    const STATS_ARM: usize = 2;
+    if baseline.is_some() {
+        arms.push(("baseline agent attached", Some(&[])));
+        arms.push((
+            "baseline agent attached, bpf_stats on",
+            Some(&["--bpf-stats", "true"]),
+        ));
+    }
+    let arms = arms;
     const UNWATCHED_ARM: usize = 3;
+    /// Arms 4 and 5 run the baseline binary; 2 and 5 have bpf_stats on.
+    const BASELINE_ARMS: [usize; 2] = [4, 5];
+    let is_stats = |arm: usize| arm == 2 || arm == 5;
     /// An address nothing listens on: the unwatched arm's agent learns no replica.
     const NOWHERE: &str = "http://127.0.0.1:9";
-    let mut runs: [Vec<Wrk>; 4] = Default::default();
-    let mut kernel: Vec<KernelCost> = Vec::new();
-    let mut gateway_cpu: [Vec<f64>; 4] = Default::default();
-    let mut agent_cpu: [Vec<f64>; 4] = Default::default();
-    let mut metered: [Vec<f64>; 4] = Default::default();
+    let n = arms.len();
+    let mut runs: Vec<Vec<Wrk>> = (0..n).map(|_| Vec::new()).collect();
+    let mut kernel: Vec<Vec<KernelCost>> = (0..n).map(|_| Vec::new()).collect();
+    let mut gateway_cpu: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut agent_cpu: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut metered: Vec<Vec<f64>> = vec![Vec::new(); n];
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         // Rotate the order each round, so a machine that drifts weighs on every arm.
-        for k in 0..ARMS.len() {
-            let arm = (round + k) % ARMS.len();
-            let Some(extra) = ARMS[arm].1 else {
+        for k in 0..n {
+            let arm = (round + k) % n;
+            let Some(extra) = arms[arm].1 else {
                 let g0 = cpu_ticks(gateway_pid)?;
                 let w = wrk::run(&target, seconds, connections)?;
                 gateway_cpu[arm].push(per_request_us(cpu_ticks(gateway_pid)? - g0, w.requests));
@@ -95,14 +114,18 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
                 continue;
             };
             let source = if arm == UNWATCHED_ARM { NOWHERE } else { &url };
-            let agent = Agent::start(&bin, source, &data, extra)?;
+            let program = match &baseline {
+                Some(path) if BASELINE_ARMS.contains(&arm) => path.clone(),
+                _ => bin.join("agent"),
+            };
+            let agent = Agent::start(&program, source, &data, extra)?;
             // The replica list is polled every second: the replica is watched after that.
-            std::thread::sleep(if arm == STATS_ARM {
+            std::thread::sleep(if is_stats(arm) {
                 STATS_REFRESH
             } else {
                 WATCH_SETTLE
             });
-            let before = if arm == STATS_ARM {
+            let before = if is_stats(arm) {
                 Some(agent.bpf()?)
             } else {
                 None
@@ -115,7 +138,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
                 cpu_ticks(agent.child.0.id())? - a0,
                 w.requests,
             ));
-            std::thread::sleep(if arm == STATS_ARM {
+            std::thread::sleep(if is_stats(arm) {
                 STATS_REFRESH
             } else {
                 WATCH_SETTLE
@@ -123,7 +146,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
             let m1 = agent.metric("tally_agent_invocation_duration_seconds_count")?;
             metered[arm].push((m1 - m0) / w.requests.max(1) as f64);
             if let Some(before) = before {
-                kernel.push(KernelCost::between(&before, &agent.bpf()?, w.requests));
+                kernel[arm].push(KernelCost::between(&before, &agent.bpf()?, w.requests));
             }
             let dropped = agent.metric("tally_agent_events_dropped_total")?;
             drop(agent);
@@ -144,7 +167,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     let base = wrk::median(&runs[0]).rps;
-    for (arm, (name, _)) in ARMS.iter().enumerate() {
+    for (arm, (name, _)) in arms.iter().enumerate() {
         let m = wrk::median(&runs[arm]);
         let share = if metered[arm].is_empty() {
             "–".to_string()
@@ -160,33 +183,34 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         );
     }
     println!();
-    for (arm, (name, _)) in ARMS.iter().enumerate() {
+    for (arm, (name, _)) in arms.iter().enumerate() {
         println!(
             "{name}, requests/s by round: {:?}",
             runs[arm].iter().map(|w| w.rps.round()).collect::<Vec<_>>()
         );
     }
     println!();
-    if !kernel.is_empty() {
+    for (arm, kernel) in kernel.iter().enumerate().filter(|(_, k)| !k.is_empty()) {
+        let name = arms[arm].0;
         let ns: Vec<f64> = kernel.iter().map(|k| k.ns_per_invocation).collect();
         let n: Vec<f64> = kernel.iter().map(|k| k.runs_per_invocation).collect();
         println!(
-            "eBPF programs (bpf_stats arm, median): {:.1} µs and {:.1} runs per invocation",
+            "eBPF programs ({name}, median): {:.1} µs and {:.1} runs per invocation",
             med(&ns) / 1000.0,
             med(&n)
         );
-    }
-    if let Some(k) = kernel.last() {
-        println!("| dearest programs (bpf_stats arm, last round) | µs per invocation |");
-        println!("|---|---|");
-        for (name, ns) in k.top.iter().take(6) {
-            println!("| `{name}` | {:.2} |", ns / 1000.0);
+        if let Some(k) = kernel.last() {
+            println!("| dearest programs ({name}, last round) | µs per invocation |");
+            println!("|---|---|");
+            for (name, ns) in k.top.iter().take(6) {
+                println!("| `{name}` | {:.2} |", ns / 1000.0);
+            }
         }
+        println!();
     }
-    println!();
     println!("| CPU per request (median) | gateway process | agent process |");
     println!("|---|---|---|");
-    for (arm, (name, extra)) in ARMS.iter().enumerate() {
+    for (arm, (name, extra)) in arms.iter().enumerate() {
         let agent = if extra.is_some() {
             format!("{:.1} µs", med(&agent_cpu[arm]))
         } else {
@@ -233,18 +257,18 @@ impl KernelCost {
 }
 
 /// The release agent beside the gateway, with its own spool and /metrics port; SIGTERM
-/// and wait on drop (its programs detach when it exits).
-struct Agent {
+/// and wait on drop (its programs detach when it exits). Also `bench syscalls`'s agent.
+pub(crate) struct Agent {
     child: Guard,
     metrics: String,
     spool: PathBuf,
 }
 
 impl Agent {
-    fn start(bin: &Path, url: &str, data: &Path, extra: &[&str]) -> Result<Self> {
+    pub(crate) fn start(program: &Path, url: &str, data: &Path, extra: &[&str]) -> Result<Self> {
         let port = wrk::free_port()?;
         let spool = data.join(format!("spool-{port}"));
-        let child = Command::new(bin.join("agent"))
+        let child = Command::new(program)
             .args(["--gateway-url", url])
             .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
             .arg("--secret-mount-path")

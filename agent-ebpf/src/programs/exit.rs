@@ -1,12 +1,16 @@
 //! `sched:sched_process_exit`: when the last thread of a metered process exits, its record
-//! (exec → exit, peak RSS of its address space, exit code) goes to user space.
+//! (exec → exit, peak RSS of its address space, exit code) goes to user space; every exiting
+//! thread of a watched replica gives back its syscall-arguments slot.
 
 use agent_common::{ProcessRecord, mode, stat};
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 
-use super::{EXITED, MMS, PROCESS_EVENTS, PROCS, count, now, wakeup_flags, watched};
+use super::{
+    EXITED, MMS, PROCESS_EVENTS, PROCESS_WAKE_AT, PROCS, count, forget_args, now, wakeup_flags,
+    watched,
+};
 
 /// Offsets in the tracepoint record (see its `format` file).
 const PID: usize = 24;
@@ -15,7 +19,9 @@ const GROUP_DEAD: usize = 32;
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn tally_exit(ctx: TracePointContext) -> u32 {
     let Some((_, m)) = watched() else { return 0 };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    forget_args(pid_tgid);
+    let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: reading the tracepoint record at offsets from its format file.
     let (pid, group_dead) = unsafe {
         (
@@ -46,7 +52,7 @@ pub fn tally_exit(ctx: TracePointContext) -> u32 {
             (*p).peak_rss_bytes = mm.peak;
         }
         if PROCESS_EVENTS
-            .output::<ProcessRecord>(&*p, wakeup_flags(&PROCESS_EVENTS))
+            .output::<ProcessRecord>(&*p, wakeup_flags(&PROCESS_EVENTS, PROCESS_WAKE_AT))
             .is_err()
         {
             count(&ctx, stat::PROCESS_RINGBUF_FULL);

@@ -10,7 +10,12 @@ use aya_ebpf::{
     helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw},
 };
 
-use super::{CGROUP_MEM, HTTP_EVENTS, SCAN_LEN, SCRATCH, Scratch, count, now, wakeup_flags};
+use super::{
+    CGROUP_MEM, HTTP_EVENTS, HTTP_WAKE_AT, SCAN_LEN, SCRATCH, Scratch, count, now, wakeup_flags,
+};
+
+/// Where the request head begins in an [`HttpRecord`]: the bytes before it always go out.
+const RECORD_HEAD_AT: usize = core::mem::offset_of!(HttpRecord, head);
 
 /// Method tokens (first four bytes) that begin an HTTP/1.x request line.
 const METHODS: [[u8; 4]; 9] = [
@@ -100,6 +105,11 @@ pub fn on_write<C: EbpfContext>(
 ) {
     // SAFETY: `c` points into CONNS; user memory is read through checked helpers.
     unsafe {
+        if (*c).state == conn::IDLE {
+            return; // no exchange open: a write outside any response
+        }
+        // One clock read: the write's exit is the response's start and, so far, its end.
+        let t = now();
         if (*c).state == conn::REQUEST {
             let Ok(first) = bpf_probe_read_user(seg as *const [u8; 12]) else {
                 return;
@@ -110,7 +120,7 @@ pub fn on_write<C: EbpfContext>(
             (*c).status = (first[9].wrapping_sub(b'0') as u16) * 100
                 + (first[10].wrapping_sub(b'0') as u16) * 10
                 + first[11].wrapping_sub(b'0') as u16;
-            (*c).response_ns = now();
+            (*c).response_ns = t;
             (*c).state = conn::RESPONSE;
             scan_headers(c, seg, if seg_len < written { seg_len } else { written });
         }
@@ -118,7 +128,7 @@ pub fn on_write<C: EbpfContext>(
             return;
         }
         (*c).bytes_out += written;
-        (*c).end_ns = now();
+        (*c).end_ns = t;
         if (*c).expected_out > 0 && (*c).bytes_out >= (*c).expected_out {
             finish(ctx, c, end::CONTENT_LENGTH);
         } else if (*c).chunked == 1 && tail != 0 {
@@ -187,9 +197,15 @@ unsafe fn scan_headers(c: *mut HttpRecord, seg: u64, len: u64) {
     // SAFETY: the scratch slot is this CPU's; user memory is read through the helper.
     unsafe {
         let buf = (*sc).buf.as_mut_ptr();
-        if read_user_raw(buf.cast(), SCAN_LEN as u32, seg as *const _) < 0
-            && read_user_raw(buf.cast(), (n & (SCAN_LEN - 1)) as u32, seg as *const _) < 0
-        {
+        // Only the bytes written (a short response need not pay for SCAN_LEN); the bound is
+        // spelled out for the verifier.
+        let size = (n as u32) & (2 * SCAN_LEN as u32 - 1);
+        let size = if size > SCAN_LEN as u32 {
+            SCAN_LEN as u32
+        } else {
+            size
+        };
+        if read_user_raw(buf.cast(), size, seg as *const _) < 0 {
             return;
         }
         write_volatile(&mut (*sc).length_at, 0);
@@ -263,8 +279,18 @@ pub fn finish<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, reason: u8) {
                 (*cg).active -= 1;
             }
         }
+        // Only the head bytes the request really had: with a typical head of a few hundred
+        // bytes the record is a third of the struct, for the copy here, the ring's room,
+        // and user space's copy out of it (which zero-fills the rest).
+        let n = (*c).head_len & (2 * HEAD_LEN as u32 - 1);
+        let n = if n > HEAD_LEN as u32 {
+            HEAD_LEN as u32
+        } else {
+            n
+        };
+        let record = core::slice::from_raw_parts(c.cast::<u8>(), RECORD_HEAD_AT + n as usize);
         if HTTP_EVENTS
-            .output::<HttpRecord>(&*c, wakeup_flags(&HTTP_EVENTS))
+            .output::<[u8]>(record, wakeup_flags(&HTTP_EVENTS, HTTP_WAKE_AT))
             .is_err()
         {
             count(ctx, stat::HTTP_RINGBUF_FULL);

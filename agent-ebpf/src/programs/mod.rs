@@ -43,13 +43,18 @@ pub static PROCS: HashMap<u32, ProcessRecord> = HashMap::with_max_entries(16384,
 /// HTTP connections of http-mode replicas, by `tgid << 32 | fd`.
 #[map]
 pub static CONNS: HashMap<u64, HttpRecord> = HashMap::with_max_entries(16384, 0);
-/// What a syscall of interest was asked to do, between its enter and exit, by pid_tgid:
-/// the only thing the `sys_exit` program looks up for every other syscall of the node.
+/// What a syscall of interest was asked to do, between its enter and exit: one slot per
+/// thread of a watched replica (by pid_tgid), armed at the enter (`call` != 0) and disarmed
+/// at the exit. The slot stays in the map for the thread's next syscall: arming and
+/// disarming are a lookup and a store, not a hash-table insert and delete (each of those
+/// takes a bucket lock and the map's free list: ≈ 0.1–0.2 µs, on every read and write of a
+/// replica). `sched_process_exit` removes a thread's slot; LRU so that slots of threads that
+/// left a watched cgroup some other way age out.
 #[map]
-pub static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(8192, 0);
-/// How many entries [`ARGS`] holds (one slot): while it is 0 — no watched replica inside a
-/// syscall of interest, most of the time for an event-loop server — `sys_exit` returns after
-/// this one load, for every syscall of the node, without hashing anything.
+pub static ARGS: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
+/// How many slots of [`ARGS`] are armed (one slot): while it is 0 — no watched replica inside
+/// a syscall of interest, most of the time for an event-loop server — `sys_exit` returns
+/// after this one load, for every syscall of the node, without hashing anything.
 #[map]
 pub static PENDING: Array<u64> = Array::with_max_entries(1, 0);
 /// RSS counters per address space (`kmem:rss_stat` mm_id); LRU so dead ones age out.
@@ -115,7 +120,7 @@ pub struct SyscallArgs {
     pub fd: u32,
     /// 1 when `buf` points to an iovec array (readv/writev).
     pub vectored: u16,
-    /// Which exit handler takes it: one of [`call`].
+    /// Which exit handler takes it: one of [`call`]; 0 while the slot is disarmed.
     pub call: u16,
 }
 
@@ -132,7 +137,8 @@ impl SyscallArgs {
     }
 }
 
-/// Kinds of [`SyscallArgs`]: what the `sys_exit` program does with the returned value.
+/// Kinds of [`SyscallArgs`]: what the `sys_exit` program does with the returned value
+/// (never 0: that marks a disarmed slot).
 pub mod call {
     /// read/recvfrom/readv: the bytes a request may begin with.
     pub const READ: u16 = 1;
@@ -142,36 +148,67 @@ pub mod call {
     pub const ACCEPT: u16 = 3;
 }
 
-/// Keeps `args` for the current thread's syscall until its exit (see [`PENDING`]).
+/// Arms the current thread's [`ARGS`] slot with `args` until its syscall exits (see
+/// [`PENDING`]); the slot is created at the thread's first syscall of interest.
 #[inline(always)]
 pub fn keep_args(pid_tgid: u64, args: &SyscallArgs) {
-    if ARGS.insert(&pid_tgid, args, NOEXIST).is_ok() {
-        if let Some(n) = PENDING.get_ptr_mut(0) {
-            // SAFETY: the slot is a u64 in map memory, updated atomically by every CPU.
-            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+    if let Some(slot) = ARGS.get_ptr_mut(pid_tgid) {
+        // SAFETY: the slot is this thread's: only its own syscalls (and its exit) touch it.
+        unsafe {
+            if (*slot).call == 0 {
+                pending_add(1);
+            }
+            // else: its last exit was missed; re-armed, already counted.
+            *slot = *args;
         }
-    } else {
-        // A stale entry of this thread (its exit was missed): replace it, already counted.
-        let _ = ARGS.insert(&pid_tgid, args, 0);
+    } else if ARGS.insert(pid_tgid, args, NOEXIST).is_ok() {
+        pending_add(1);
     }
 }
 
-/// The current thread's kept syscall arguments, taken out of [`ARGS`]; `None` at once while
+/// The current thread's armed syscall arguments, disarming its slot; `None` at once while
 /// no thread of a watched replica is inside a syscall of interest.
 #[inline(always)]
 pub fn take_args(pid_tgid: u64) -> Option<SyscallArgs> {
     let n = PENDING.get_ptr_mut(0)?;
-    // SAFETY: as above; an aligned 8-byte load is atomic (BPF has no atomic load to select).
+    // SAFETY: the slot is a u64 in map memory; an aligned 8-byte load is atomic (BPF has no
+    // atomic load to select).
     if unsafe { core::ptr::read_volatile(n) } == 0 {
         return None;
     }
-    // SAFETY: plain value copied out of the map.
-    let args = unsafe { ARGS.get(&pid_tgid) }.copied()?;
-    if ARGS.remove(&pid_tgid).is_ok() {
-        // SAFETY: as above.
-        unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+    let slot = ARGS.get_ptr_mut(pid_tgid)?;
+    // SAFETY: as in `keep_args`; the value is copied out before the slot is disarmed.
+    unsafe {
+        if (*slot).call == 0 {
+            return None;
+        }
+        let args = *slot;
+        (*slot).call = 0;
+        atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1);
+        Some(args)
     }
-    Some(args)
+}
+
+/// Removes the [`ARGS`] slot of an exiting thread (disarming it if its last syscall never
+/// returned, as `exit_group` does not).
+#[inline(always)]
+pub fn forget_args(pid_tgid: u64) {
+    let Some(slot) = ARGS.get_ptr(pid_tgid) else {
+        return;
+    };
+    // SAFETY: the thread is exiting: nothing else writes its slot.
+    let armed = unsafe { (*slot).call } != 0;
+    if ARGS.remove(pid_tgid).is_ok() && armed {
+        pending_add(-1);
+    }
+}
+
+#[inline(always)]
+fn pending_add(delta: i64) {
+    if let Some(n) = PENDING.get_ptr_mut(0) {
+        // SAFETY: the slot is a u64 in map memory, updated atomically by every CPU.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, delta as u64) };
+    }
 }
 
 /// The replica the current task belongs to: `(cgroup id, mode)`, or `None` for every
@@ -258,15 +295,21 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// `bpf_ringbuf_query` flag: bytes written but not yet consumed.
 const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Unread bytes in a ring buffer past which user space is woken at once. Below it, user
+/// Unread bytes in [`HTTP_EVENTS`] past which user space is woken at once. Below it, user
 /// space drains on its own timer (`DRAIN_INTERVAL` in `agent/src/run.rs`), so a busy node
-/// does not pay a wakeup (an IPI, a context switch) per record.
-const WAKE_AT_BYTES: u64 = 64 * 1024;
+/// does not pay a wakeup (an IPI, a context switch) per record. An eighth of the ring: at
+/// ≈ 200–400 bytes a record that is ≈ 3,000 records, more than 10 ms hold at 100,000
+/// invocations/s, so the timer does all the draining and a wakeup only guards a stalled
+/// agent against a full ring. (It was 64 KiB: with 1.1 KiB records at 17,000 req/s every
+/// 10 ms tick passed it several times over, each time with a wakeup.)
+pub const HTTP_WAKE_AT: u64 = 1024 * 1024;
+/// The same for [`PROCESS_EVENTS`] (a quarter of it; fork-mode rates are far lower).
+pub const PROCESS_WAKE_AT: u64 = 64 * 1024;
 
-/// The flags for the next output to `ring`: wake user space only once a batch is waiting.
+/// The flags for the next output to `ring`: wake user space only once `wake_at` bytes wait.
 #[inline(always)]
-pub fn wakeup_flags(ring: &RingBuf) -> u64 {
-    if ring.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES {
+pub fn wakeup_flags(ring: &RingBuf, wake_at: u64) -> u64 {
+    if ring.query(BPF_RB_AVAIL_DATA) >= wake_at {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
