@@ -21,6 +21,8 @@ pub enum Which {
     Agent,
     /// ns per syscall of an unwatched process with the node agent attached vs detached.
     Syscalls,
+    /// Fork-mode calls through tally-spawn vs forked from the gateway.
+    Fork,
     /// Sync throughput with metering (webhook batches) on vs off.
     Metering,
     /// Usage events from their source to committed PostgreSQL rows: events/s and lag.
@@ -158,6 +160,7 @@ pub fn run(args: Args) -> Result<()> {
             return crate::bench_agent::run(args.seconds, args.rounds, args.connections);
         }
         Which::Syscalls => return crate::bench_syscalls::run(args.rounds),
+        Which::Fork => return crate::bench_fork::run(args.seconds, args.rounds),
         Which::Metering => return run_metering(&args),
         Which::Billing => {
             return crate::bench_billing::run(args.seconds.max(20), args.rate, args.connections);
@@ -243,7 +246,19 @@ pub(crate) fn start_gateway(
     cgroup_parent: &str,
     extra: &[String],
 ) -> Result<(Child, String, String)> {
+    start_gateway_env(bin, data, cgroup_parent, extra, &[])
+}
+
+/// [`start_gateway`] with more environment variables.
+pub(crate) fn start_gateway_env(
+    bin: &Path,
+    data: &Path,
+    cgroup_parent: &str,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> Result<(Child, String, String)> {
     let mut child = Command::new(bin.join("gateway"))
+        .envs(env.iter().copied())
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -289,7 +304,12 @@ pub(crate) fn deploy_tiny(agent: &ureq::Agent, url: &str, auth: &str) -> Result<
     Ok(target)
 }
 
-fn deploy(agent: &ureq::Agent, url: &str, auth: &str, body: serde_json::Value) -> Result<()> {
+pub(crate) fn deploy(
+    agent: &ureq::Agent,
+    url: &str,
+    auth: &str,
+    body: serde_json::Value,
+) -> Result<()> {
     let r = agent
         .post(&format!("{url}/system/functions"))
         .header("Authorization", auth)
@@ -580,7 +600,7 @@ fn gateway_and_nats_ticks(gateway: u32) -> Result<u64> {
     Ok(ticks)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

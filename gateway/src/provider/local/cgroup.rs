@@ -322,6 +322,11 @@ impl ReplicaCgroup {
             .collect()
     }
 
+    /// The paths of those files.
+    pub fn procs_paths(&self) -> Vec<std::path::PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
     /// Kills whatever still runs in the replica and removes its directories, then the
     /// function's and namespace's directories if they became empty.
     pub fn remove(&self) {

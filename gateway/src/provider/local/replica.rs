@@ -2,7 +2,6 @@
 //! process on a fresh PORT, waits until it listens, and restarts it with backoff.
 
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +31,7 @@ pub struct Replica {
     pub function: FunctionRef,
     pub spec: Arc<RunSpec>,
     pub cgroup: ReplicaCgroup,
-    procs: Arc<Vec<OwnedFd>>,
+    procs: Arc<spawn::CgroupProcs>,
     pub load: Arc<ReplicaLoad>,
     ready: AtomicBool,
     draining: AtomicBool,
@@ -60,7 +59,10 @@ impl Replica {
             .join(function.name.as_str())
             .join(&name);
         let cgroup = shared.layout.create(&rel, spec.limits)?;
-        let procs = Arc::new(cgroup.procs_files()?);
+        let procs = Arc::new(spawn::CgroupProcs {
+            files: cgroup.procs_files()?,
+            paths: cgroup.procs_paths(),
+        });
         let replica = Arc::new(Self {
             name,
             function,
@@ -284,7 +286,7 @@ impl ForkLauncher for Replica {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .chain(cgi_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        spawn::command(
+        spawn::per_request_command(
             &self.spec.argv,
             &self.shared.cwd,
             env,

@@ -1,10 +1,12 @@
 //! Starting function processes: as the unprivileged function user when the gateway is
 //! root, in their own process group, and moved into the replica's cgroups before exec.
+//! Per-request (fork-mode) processes go through `tally-spawn`, started with `posix_spawn`:
+//! a `fork` of the gateway would copy its page tables, milliseconds on every call.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::unistd::{Gid, Uid, User};
 
@@ -57,13 +59,92 @@ pub fn resolve_program(program: &str, cwd: &Path) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
+/// A replica's `cgroup.procs` files: open, for a forked child to write before exec; and
+/// their paths, for `tally-spawn`.
+pub struct CgroupProcs {
+    pub files: Vec<OwnedFd>,
+    pub paths: Vec<PathBuf>,
+}
+
+/// The `tally-spawn` binary: `$TALLY_SPAWN`, else beside the running executable (or one
+/// directory up, where cargo puts a test binary's package binaries); `None` if not found
+/// or `TALLY_SPAWN=off`, and processes are then forked from the gateway.
+pub fn spawner() -> Option<&'static Path> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let given = std::env::var_os("TALLY_SPAWN");
+            if given.as_deref() == Some(OsStr::new("off")) {
+                tracing::info!("TALLY_SPAWN=off: fork-mode processes are forked from the gateway");
+                return None;
+            }
+            let found = given
+                .map(PathBuf::from)
+                .into_iter()
+                .chain(std::env::current_exe().ok().into_iter().flat_map(|exe| {
+                    exe.ancestors()
+                        .skip(1)
+                        .take(2)
+                        .map(|dir| dir.join("tally-spawn"))
+                        .collect::<Vec<_>>()
+                }))
+                .find(|p| p.is_file());
+            if found.is_none() {
+                tracing::warn!(
+                    "tally-spawn not found beside the gateway (nor $TALLY_SPAWN): fork-mode \
+                     processes are forked from the gateway, which costs more per call"
+                );
+            }
+            found
+        })
+        .as_deref()
+}
+
+/// A fork-mode process for `argv`: through [`spawner`] when there is one, else as
+/// [`command`] builds it.
+pub fn per_request_command<I, K, V>(
+    argv: &[String],
+    cwd: &Path,
+    env: I,
+    run_as: Option<RunAs>,
+    procs: Arc<CgroupProcs>,
+) -> tokio::process::Command
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    let Some(spawner) = spawner() else {
+        return command(argv, cwd, env, run_as, procs);
+    };
+    let mut cmd = tokio::process::Command::new(spawner);
+    for path in &procs.paths {
+        cmd.arg("--cgroup-procs").arg(path);
+    }
+    if let Some(who) = run_as {
+        cmd.arg("--uid")
+            .arg(who.uid.to_string())
+            .arg("--gid")
+            .arg(who.gid.to_string());
+    }
+    cmd.arg("--")
+        .args(argv)
+        .env_clear()
+        .env("PATH", FUNCTION_PATH)
+        .envs(env)
+        .current_dir(cwd)
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Builds the command for `argv` with a clean environment of `env`.
 pub fn command<I, K, V>(
     argv: &[String],
     cwd: &Path,
     env: I,
     run_as: Option<RunAs>,
-    cgroup_procs: Arc<Vec<OwnedFd>>,
+    procs: Arc<CgroupProcs>,
 ) -> tokio::process::Command
 where
     I: IntoIterator<Item = (K, V)>,
@@ -81,11 +162,11 @@ where
     if let Some(who) = run_as {
         cmd.uid(who.uid.as_raw()).gid(who.gid.as_raw());
     }
-    if !cgroup_procs.is_empty() {
-        let fds: Vec<i32> = cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
+    if !procs.files.is_empty() {
+        let fds: Vec<i32> = procs.files.iter().map(AsRawFd::as_raw_fd).collect();
         // SAFETY: the closure runs in the child between fork and exec. It only calls
         // write(2), which is async-signal-safe, on descriptors the parent opened and keeps
-        // open (`cgroup_procs` is owned by the replica and outlives the spawn call), and it
+        // open (`procs` is owned by the replica and outlives the spawn call), and it
         // allocates nothing: `fds` was built in the parent. Writing "0" to cgroup.procs
         // moves the calling process; the kernel checks the opener's (root's) credentials.
         unsafe {
