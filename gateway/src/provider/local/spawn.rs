@@ -127,15 +127,25 @@ where
             .arg("--gid")
             .arg(who.gid.to_string());
     }
-    cmd.arg("--")
-        .args(argv)
-        .env_clear()
+    cmd.arg("--").args(argv);
+    isolate(&mut cmd, cwd, env);
+    cmd
+}
+
+/// What every function process gets: a clean environment of `env` (plus [`FUNCTION_PATH`]),
+/// `cwd`, its own process group, and a kill when its handle is dropped.
+fn isolate<I, K, V>(cmd: &mut tokio::process::Command, cwd: &Path, env: I)
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    cmd.env_clear()
         .env("PATH", FUNCTION_PATH)
         .envs(env)
         .current_dir(cwd)
         .process_group(0)
         .kill_on_drop(true);
-    cmd
 }
 
 /// Builds the command for `argv` with a clean environment of `env`.
@@ -152,13 +162,8 @@ where
     V: AsRef<OsStr>,
 {
     let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .env("PATH", FUNCTION_PATH)
-        .envs(env)
-        .current_dir(cwd)
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.args(&argv[1..]);
+    isolate(&mut cmd, cwd, env);
     if let Some(who) = run_as {
         cmd.uid(who.uid.as_raw()).gid(who.gid.as_raw());
     }
