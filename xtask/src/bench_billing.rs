@@ -18,7 +18,7 @@ use crate::bench::{
 use crate::{run_cmd, wrk};
 
 /// Events per `/system/usage` POST (what an agent sends at most per batch, roughly).
-const POST_EVENTS: usize = 500;
+pub(crate) const POST_EVENTS: usize = 500;
 const SENDERS: usize = 4;
 
 pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
@@ -110,27 +110,8 @@ fn post_usage(url: &str, auth: &str, rate: u32, seconds: u32) -> Result<u64> {
                 let mut next = Instant::now();
                 let (mut seq, mut accepted) = (0u64, 0u64);
                 while Instant::now() < deadline {
-                    let started = rfc3339_now();
-                    // Built as text: the sender must not be what limits the rate.
-                    let mut body = String::with_capacity(POST_EVENTS * 300);
-                    body.push('[');
-                    for i in 0..POST_EVENTS {
-                        if i > 0 {
-                            body.push(',');
-                        }
-                        let id = format!("bench-{t}-{seq}-{i}");
-                        body.push_str(&format!(
-                            r#"{{"id":"{id}","call_id":"{id}","namespace":"openfaas-fn","function_name":"tiny","replica":"tiny-bench","started":"{started}","duration_ns":1000000,"status_code":200,"memory_peak_bytes":10485760,"memory_limit_bytes":134217728,"source":"kernel"}}"#
-                        ));
-                    }
-                    body.push(']');
-                    let mut r = http
-                        .post(&format!("{url}/system/usage"))
-                        .header("Authorization", &auth)
-                        .header("Content-Type", "application/json")
-                        .send(&body)?;
-                    let body: serde_json::Value = r.body_mut().read_json()?;
-                    accepted += body["accepted"].as_u64().context("accepted")?;
+                    let body = usage_batch(&format!("bench-{t}-{seq}"), &rfc3339_now());
+                    accepted += post_usage_batch(&http, &url, &auth, body)?;
                     seq += 1;
                     next += period;
                     if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -146,6 +127,43 @@ fn post_usage(url: &str, auth: &str, rate: u32, seconds: u32) -> Result<u64> {
         total += s.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
     }
     Ok(total)
+}
+
+/// [`POST_EVENTS`] kernel-style events of `tiny` started at `started`, ids `PREFIX-N`;
+/// built as text: a sender must not be what limits the rate.
+pub(crate) fn usage_batch(prefix: &str, started: &str) -> String {
+    let mut body = String::with_capacity(POST_EVENTS * 300);
+    body.push('[');
+    for i in 0..POST_EVENTS {
+        if i > 0 {
+            body.push(',');
+        }
+        let id = format!("{prefix}-{i}");
+        body.push_str(&format!(
+            r#"{{"id":"{id}","call_id":"{id}","namespace":"openfaas-fn","function_name":"tiny","replica":"tiny-bench","started":"{started}","duration_ns":1000000,"status_code":200,"memory_peak_bytes":10485760,"memory_limit_bytes":134217728,"source":"kernel"}}"#
+        ));
+    }
+    body.push(']');
+    body
+}
+
+/// POSTs one batch to `/system/usage`; how many events the gateway accepted.
+pub(crate) fn post_usage_batch(
+    http: &ureq::Agent,
+    url: &str,
+    auth: &str,
+    body: String,
+) -> Result<u64> {
+    let mut r = http
+        .post(&format!("{url}/system/usage"))
+        .header("Authorization", auth)
+        .header("Content-Type", "application/json")
+        .send(&body)?;
+    if r.status() != 200 {
+        bail!("POST /system/usage: {}", r.status());
+    }
+    let body: serde_json::Value = r.body_mut().read_json()?;
+    body["accepted"].as_u64().context("accepted")
 }
 
 fn rfc3339_now() -> String {

@@ -10,6 +10,7 @@ use crate::bench::{
     Guard, RemoveDir, agent, cpu_ticks, deploy, fresh_data_dir, median, per_request_us,
     release_build, start_gateway_env,
 };
+use crate::bench_billing::{POST_EVENTS, post_usage_batch, usage_batch};
 use crate::wrk;
 
 /// Concurrent connections: a few calls in flight, as fork-mode functions see.
@@ -107,23 +108,13 @@ pub fn run(seconds: u32, rounds: usize) -> Result<()> {
     Ok(())
 }
 
-/// Posts [`WINDOW_EVENTS`] kernel-style usage events in batches of 500.
+/// Posts [`WINDOW_EVENTS`] kernel-style usage events, in the billing bench's batches.
 fn fill_window(http: &ureq::Agent, url: &str, auth: &str) -> Result<()> {
-    for b in 0..WINDOW_EVENTS / 500 {
-        let batch: Vec<_> = (0..500)
-            .map(|i| {
-                json!({"call_id": format!("fill-{b}-{i}"), "namespace": "openfaas-fn",
-                       "function_name": "echo", "started": "2026-11-23T00:00:00.000000000Z",
-                       "duration_ns": 1_000_000, "status_code": 200,
-                       "memory_peak_bytes": 1 << 20, "source": "kernel"})
-            })
-            .collect();
-        let r = http
-            .post(&format!("{url}/system/usage"))
-            .header("Authorization", auth)
-            .send_json(&batch)?;
-        if r.status() != 200 {
-            bail!("filling /system/usage: {}", r.status());
+    for b in 0..WINDOW_EVENTS / POST_EVENTS {
+        let body = usage_batch(&format!("fill-{b}"), "2026-11-23T00:00:00.000000000Z");
+        let accepted = post_usage_batch(http, url, auth, body)?;
+        if accepted != POST_EVENTS as u64 {
+            bail!("filling /system/usage: {accepted} of {POST_EVENTS} events accepted");
         }
     }
     Ok(())
