@@ -53,6 +53,11 @@ macro_rules! label_newtype {
                 Ok(Self(value))
             }
 
+            /// Whether `value` would be accepted, without taking a copy of it.
+            pub fn check(value: &str) -> Result<(), NameError> {
+                check_label($what, value)
+            }
+
             pub fn as_str(&self) -> &str {
                 &self.0
             }

@@ -555,3 +555,53 @@ async fn usage_ingest_keeps_valid_events_and_counts_the_rest() {
         .unwrap();
     assert_eq!(r.status(), 401, "the ingest API is authenticated");
 }
+
+#[tokio::test]
+async fn usage_ingest_refuses_absurd_events_of_a_readable_batch() {
+    // Every event reads (the one-pass path): the checks after parsing still apply to each.
+    let gw = TestGateway::start(&[]);
+    let event = |call: &str, name: &str, started: &str| {
+        json!({
+            "id": format!("ev-{call}"), "call_id": call, "namespace": "openfaas-fn",
+            "function_name": name, "replica": "env-abcde", "started": started,
+            "duration_ns": 1000, "status_code": 200, "memory_peak_bytes": 1048576,
+            "memory_limit_bytes": 2097152, "source": "kernel"
+        })
+    };
+    let good = "2026-11-22T10:00:00.123456789Z";
+    let batch = json!([
+        event("a", "env", good),
+        event("b", "Not_A_Label", good),
+        event("c", "env", "yesterday"),
+        event("d", "env", good),
+    ]);
+    let r = gw.post_usage(&batch).await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["accepted"], 2, "{body}");
+    let rejected = body["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 2, "{body}");
+    assert_eq!(rejected[0]["index"], 1);
+    assert!(
+        rejected[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("function_name"),
+        "{body}"
+    );
+    assert_eq!(rejected[1]["index"], 2);
+    assert!(
+        rejected[1]["error"].as_str().unwrap().contains("RFC3339"),
+        "{body}"
+    );
+    let kept: Vec<Value> = gw
+        .get_sys("/system/usage?function=env")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let calls: Vec<&str> = kept.iter().filter_map(|e| e["call_id"].as_str()).collect();
+    assert_eq!(calls, ["a", "d"]);
+}

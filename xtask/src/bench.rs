@@ -25,6 +25,8 @@ pub enum Which {
     Fork,
     /// Sync throughput with metering (webhook batches) on vs off.
     Metering,
+    /// The gateway's CPU per usage event taken in from the node agent (`POST /system/usage`).
+    Ingest,
     /// Usage events from their source to committed PostgreSQL rows: events/s and lag.
     Billing,
     /// The target autoscaler under a step of steady load: time to the desired count and
@@ -162,6 +164,7 @@ pub fn run(args: Args) -> Result<()> {
         Which::Syscalls => return crate::bench_syscalls::run(args.rounds),
         Which::Fork => return crate::bench_fork::run(args.seconds, args.rounds),
         Which::Metering => return run_metering(&args),
+        Which::Ingest => return crate::bench_ingest::run(args.rounds),
         Which::Billing => {
             return crate::bench_billing::run(args.seconds.max(20), args.rate, args.connections);
         }

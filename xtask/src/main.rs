@@ -5,6 +5,7 @@ mod bench;
 mod bench_agent;
 mod bench_billing;
 mod bench_fork;
+mod bench_ingest;
 mod bench_syscalls;
 mod ebpf;
 mod setup;

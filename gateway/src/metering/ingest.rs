@@ -43,10 +43,10 @@ pub struct UsageEvent {
 impl UsageEvent {
     /// Why this event cannot be billed, if it cannot.
     pub fn problem(&self) -> Option<String> {
-        if let Err(e) = FunctionName::new(self.function_name.clone()) {
+        if let Err(e) = FunctionName::check(&self.function_name) {
             return Some(format!("function_name: {e}"));
         }
-        if let Err(e) = Namespace::new(self.namespace.clone()) {
+        if let Err(e) = Namespace::check(&self.namespace) {
             return Some(format!("namespace: {e}"));
         }
         if DateTime::parse_from_rfc3339(&self.started).is_err() {
