@@ -11,6 +11,13 @@ pub const CALL_ID_LEN: usize = 64;
 /// The environment variable the gateway sets on fork-mode processes.
 pub const CALL_ID_ENV: &[u8] = b"Http_X_Call_Id=";
 
+/// Elements of the `TGIDS` map (8 tgids each) as compiled: enough for the default
+/// `pid_max` of 4,194,304 (`PID_MAX_LIMIT`, 4 MiB). User space sets the real size from
+/// `/proc/sys/kernel/pid_max` before loading.
+pub const TGIDS_DEFAULT_SLOTS: u32 = 4_194_304 / 8;
+/// `BPF_F_MMAPABLE`: an array map user space can `mmap`.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// Value of the watched-cgroup map: how the replica in that cgroup serves requests.
 pub mod mode {
     /// A process per request: metered from exec to exit.

@@ -19,6 +19,7 @@ pub mod records;
 pub mod replicas;
 pub mod run;
 pub mod sys;
+pub mod tgids;
 pub mod workloads;
 
 pub use error::Error;

@@ -48,6 +48,7 @@ pub const PROGRAMS: &[Program] = &[
     tp("tally_exit", "sched", "sched_process_exit"),
     tp("tally_fork", "sched", "sched_process_fork"),
     tp("tally_rss", "kmem", "rss_stat"),
+    tp("tally_attach", "cgroup", "cgroup_attach_task"),
     Program {
         name: "tally_sys_enter",
         category: "raw_syscalls",
@@ -87,6 +88,7 @@ pub struct Kernel {
     pub procs: HashMap<MapData, u32, ProcessRecord>,
     /// Exit times of http-mode processes, by tgid.
     pub exited: aya::maps::HashMap<MapData, u32, u64>,
+    pub tgids: crate::tgids::Tgids,
 }
 
 /// Mounts tracefs at [`TRACEFS`] unless it is already there.
@@ -176,7 +178,9 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
     let object = ebpf_object::object()?;
     ensure_tracefs()?;
     check_tracepoints(Path::new(TRACEFS))?;
-    let mut ebpf = Ebpf::load(object)?;
+    let mut ebpf = aya::EbpfLoader::new()
+        .map_max_entries(crate::tgids::MAP, crate::tgids::slots())
+        .load(object)?;
     // The logger must outlive the programs and be polled (see `run`): dropping it closes the
     // log map the programs refer to.
     let logger = match EbpfLogger::init(&mut ebpf) {
@@ -222,6 +226,7 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
     let conns = HashMap::try_from(take(&mut ebpf, "CONNS")?)?;
     let procs = HashMap::try_from(take(&mut ebpf, "PROCS")?)?;
     let exited = HashMap::try_from(take(&mut ebpf, "EXITED")?)?;
+    let tgids = crate::tgids::Tgids::new(take(&mut ebpf, crate::tgids::MAP)?)?;
     Ok(Kernel {
         cpu_time,
         cpu_timer: CpuTimer {
@@ -240,6 +245,7 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
         conns,
         procs,
         exited,
+        tgids,
     })
 }
 

@@ -18,6 +18,7 @@ use crate::{
     cgroup,
     join::{Joiner, ReplicaInfo},
     metrics::Metrics,
+    tgids::Tgids,
     workloads::{Mode, Replica},
 };
 
@@ -44,8 +45,12 @@ pub struct ReplicaMaps {
     watched: BpfHashMap<MapData, u64, u32>,
     functions: BpfHashMap<MapData, u64, u32>,
     cgroup_mem: BpfHashMap<MapData, u64, CgroupMem>,
+    /// The kernel's process filter: the processes of every watched cgroup are marked in it.
+    tgids: Tgids,
     /// Replica cgroups in WATCHED, with their mode.
     current: HashMap<u64, Mode>,
+    /// Their directories, where known.
+    paths: HashMap<u64, PathBuf>,
     /// Function cgroups in FUNCTIONS.
     function_dirs: HashMap<u64, FunctionDir>,
     /// Replicas the kernel found that the source has not listed yet, and when.
@@ -64,12 +69,15 @@ impl ReplicaMaps {
         watched: BpfHashMap<MapData, u64, u32>,
         functions: BpfHashMap<MapData, u64, u32>,
         cgroup_mem: BpfHashMap<MapData, u64, CgroupMem>,
+        tgids: Tgids,
     ) -> Self {
         Self {
             watched,
             functions,
             cgroup_mem,
+            tgids,
             current: HashMap::new(),
+            paths: HashMap::new(),
             function_dirs: HashMap::new(),
             discovered: HashMap::new(),
         }
@@ -128,6 +136,7 @@ impl ReplicaMaps {
                 },
             );
             want.insert(id, r.mode);
+            self.paths.insert(id, r.cgroup_path);
         }
         self.sync_functions(want_functions);
         for (&id, &m) in &want {
@@ -147,7 +156,8 @@ impl ReplicaMaps {
         }
         let now = Instant::now();
         let discovered = &mut self.discovered;
-        let (watched, cgroup_mem) = (&mut self.watched, &mut self.cgroup_mem);
+        let (watched, cgroup_mem, paths) =
+            (&mut self.watched, &mut self.cgroup_mem, &mut self.paths);
         self.current.retain(|id, _| {
             if want.contains_key(id) {
                 return true;
@@ -161,10 +171,24 @@ impl ReplicaMaps {
             discovered.remove(id);
             let _ = watched.remove(id);
             let _ = cgroup_mem.remove(id);
+            paths.remove(id);
             joiner.unwatch(*id);
             info!(cgroup_id = id, "replica gone; cgroup unwatched");
             false
         });
+        self.paths.retain(|id, _| self.current.contains_key(id));
+        self.mark_processes();
+    }
+
+    /// Marks the processes of every watched cgroup in the kernel's process filter. The
+    /// cgroups are in WATCHED first, so a process that starts or moves in after this read
+    /// of `cgroup.procs` is marked by the kernel (fork, exec, cgroup attach); this pass
+    /// covers those already there — all of them when the agent (re)starts — and, once a
+    /// poll, anything that entered some other way (`clone3` into a cgroup, say).
+    fn mark_processes(&mut self) {
+        for path in self.paths.values() {
+            self.tgids.mark_cgroup(path);
+        }
     }
 
     /// FUNCTIONS gets every function cgroup of `want`; a function missing from `want` (scaled
@@ -220,6 +244,8 @@ impl ReplicaMaps {
             },
         );
         self.current.insert(id, dir.mode);
+        self.tgids.mark_cgroup(&path);
+        self.paths.insert(id, path);
         self.discovered.insert(id, Instant::now());
         metrics.replicas_discovered.inc();
         info!(cgroup_id = id, function = %dir.function, replica = %name, mode = ?dir.mode,

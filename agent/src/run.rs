@@ -80,6 +80,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
         mut conns,
         mut procs,
         exited,
+        tgids,
     } = kernel;
     // Keep the fd: bpf_stats stay enabled while it is open.
     // Off by default: with the kernel's stats on, every program run (here: every syscall of
@@ -93,7 +94,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
     } else {
         None
     };
-    let mut replicas = ReplicaMaps::new(watched, functions, cgroup_mem);
+    let mut replicas = ReplicaMaps::new(watched, functions, cgroup_mem, tgids);
     let mut new_cgroups = sys::readable(new_cgroups)?;
     let mut process_events = sys::readable(process_events)?;
     let mut http_events = sys::readable(http_events)?;

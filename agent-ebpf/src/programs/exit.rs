@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 
 use super::{
-    EXITED, MMS, PROCESS_EVENTS, PROCESS_WAKE_AT, PROCS, count, forget_args, now, wakeup_flags,
-    watched,
+    EXITED, MMS, PROCESS_EVENTS, PROCESS_WAKE_AT, PROCS, count, forget_args, now, tgids,
+    wakeup_flags, watched,
 };
 
 /// Offsets in the tracepoint record (see its `format` file).
@@ -18,9 +18,7 @@ const GROUP_DEAD: usize = 32;
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn tally_exit(ctx: TracePointContext) -> u32 {
-    let Some((_, m)) = watched() else { return 0 };
     let pid_tgid = bpf_get_current_pid_tgid();
-    forget_args(pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: reading the tracepoint record at offsets from its format file.
     let (pid, group_dead) = unsafe {
@@ -29,6 +27,14 @@ pub fn tally_exit(ctx: TracePointContext) -> u32 {
             ctx.read_at::<u8>(GROUP_DEAD).unwrap_or(0),
         )
     };
+    // The number is free for a process that may have nothing to do with the replicas: the
+    // tgid of a whole process, the tid of a thread (marked at its clone, see `fork`).
+    let freed = if group_dead != 0 { tgid } else { pid };
+    if tgids::marked(freed) {
+        tgids::mark(freed, false);
+    }
+    let Some((_, m)) = watched() else { return 0 };
+    forget_args(pid_tgid);
     if group_dead == 0 {
         // A thread: drop the entry sched_process_fork made for it, if any.
         if pid != tgid {

@@ -14,6 +14,7 @@ mod sys_conn;
 mod sys_read;
 mod sys_write;
 mod syscalls;
+mod tgids;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
@@ -27,6 +28,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
+/// One byte per process, by tgid (8 to an element): not 0 when the process may be in a
+/// watched cgroup. See [`tgids`]: the filter every process pays before any cgroup lookup.
+/// User space sizes it from `pid_max` before loading and writes it through `mmap`.
+#[map]
+pub static TGIDS: Array<[u8; 8]> = Array::with_max_entries(
+    agent_common::TGIDS_DEFAULT_SLOTS,
+    agent_common::BPF_F_MMAPABLE,
+);
 /// cgroup v2 id (directory inode) → `agent_common::mode`; filled by user space.
 #[map]
 pub static WATCHED: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
@@ -211,8 +220,25 @@ fn pending_add(delta: i64) {
     }
 }
 
+/// [`watched`] for the hot hooks (reads and writes, `rss_stat`): every process not marked in
+/// [`TGIDS`] — all but the replicas — returns after one array load, without the cgroup
+/// helper or a hash lookup. A marked process whose cgroup is not watched (it left its
+/// replica's cgroup, or its tgid was reused) is unmarked here.
+#[inline(always)]
+pub fn watched_process(pid_tgid: u64) -> Option<(u64, u32)> {
+    let tgid = (pid_tgid >> 32) as u32;
+    if !tgids::marked(tgid) {
+        return None;
+    }
+    let w = watched();
+    if w.is_none() {
+        tgids::mark(tgid, false);
+    }
+    w
+}
+
 /// The replica the current task belongs to: `(cgroup id, mode)`, or `None` for every
-/// other process on the node — the one lookup they pay.
+/// other process on the node.
 #[inline(always)]
 pub fn watched() -> Option<(u64, u32)> {
     // SAFETY: the helper has no preconditions.
@@ -238,6 +264,7 @@ pub fn watched_or_discover<C: EbpfContext>(ctx: &C) -> Option<(u64, u32)> {
     let id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values are plain u32s that user space only replaces whole.
     if let Some(mode) = unsafe { WATCHED.get(&id) } {
+        tgids::mark_current();
         return Some((id, *mode));
     }
     let mut level = 1;
@@ -276,6 +303,7 @@ pub fn watched_or_discover<C: EbpfContext>(ctx: &C) -> Option<(u64, u32)> {
             if NEW_CGROUPS.output::<NewCgroup>(&new, 0).is_err() {
                 count(ctx, stat::CGROUP_RINGBUF_FULL);
             }
+            tgids::mark_current();
             return Some((id, mode));
         }
         level += 1;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 
-use super::{CGROUP_MEM, MMS, PROCS, count, watched};
+use super::{CGROUP_MEM, MMS, PROCS, count, watched_process};
 
 /// Offsets in the tracepoint record (see its `format` file).
 const MM_ID: usize = 8;
@@ -16,7 +16,7 @@ const SIZE: usize = 24;
 
 #[tracepoint(category = "kmem", name = "rss_stat")]
 pub fn tally_rss(ctx: TracePointContext) -> u32 {
-    let Some((cgroup_id, _)) = watched() else {
+    let Some((cgroup_id, _)) = watched_process(bpf_get_current_pid_tgid()) else {
         return 0;
     };
     // SAFETY: reading the tracepoint record at offsets from its format file.

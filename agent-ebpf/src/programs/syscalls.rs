@@ -8,7 +8,7 @@
 //! it on every traced syscall. A raw tracepoint calls the program with the syscall's
 //! registers and nothing more. Both programs run for *every* syscall of the node, so each
 //! begins with its cheapest test: `sys_enter` looks at the syscall number (an argument, no
-//! helper call) before the cgroup lookup; `sys_exit` first loads [`PENDING`](super::PENDING), 0 unless a
+//! helper call), then the process's byte in [`TGIDS`](super::TGIDS), before any cgroup lookup; `sys_exit` first loads [`PENDING`](super::PENDING), 0 unless a
 //! watched replica is inside a syscall whose exit matters, then looks in [`ARGS`](super::ARGS).
 //!
 //! Syscall numbers are x86_64's; a 32-bit (compat) syscall of a replica is not looked at
@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 
 use super::{
-    SyscallArgs, call, execve, exit_group, sys_conn, sys_read, sys_write, take_args, watched,
-    watched_or_discover,
+    SyscallArgs, call, execve, exit_group, sys_conn, sys_read, sys_write, take_args,
+    watched_or_discover, watched_process,
 };
 
 /// x86_64 syscall numbers (`arch/x86/entry/syscalls/syscall_64.tbl`).
@@ -89,10 +89,11 @@ pub fn tally_sys_enter(ctx: RawTracePointContext) -> u32 {
     if !wanted {
         return 0;
     }
+    let pid_tgid = bpf_get_current_pid_tgid();
     let watched = if id == nr::EXECVE {
         watched_or_discover(&ctx)
     } else {
-        watched()
+        watched_process(pid_tgid)
     };
     let Some((cgroup_id, m)) = watched else {
         return 0;
@@ -100,7 +101,6 @@ pub fn tally_sys_enter(ctx: RawTracePointContext) -> u32 {
     let Some(r) = regs(ctx.arg(0)) else {
         return 0;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
     match id {
         nr::READ | nr::RECVFROM => sys_read::enter(pid_tgid, cgroup_id, m, r.di, r.si, 0),
         nr::READV => sys_read::enter(pid_tgid, cgroup_id, m, r.di, r.si, 1),
