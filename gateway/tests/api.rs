@@ -515,23 +515,9 @@ async fn usage_ingest_keeps_valid_events_and_counts_the_rest() {
         errors[2].1.contains("duration_ns"),
         "names the field: {errors:?}"
     );
-    let kept: Vec<Value> = gw
-        .get_sys("/system/usage?function=env")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let kept: Vec<Value> = gw.usage("function=env").await;
     assert_eq!(kept.len(), 2);
-    let one: Vec<Value> = gw
-        .get_sys("/system/usage?call_id=c")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: Vec<Value> = gw.usage("call_id=c").await;
     assert_eq!(one[0]["duration_ns"], 2_000_000);
     let m = gw.metrics().await;
     assert_eq!(
@@ -594,14 +580,7 @@ async fn usage_ingest_refuses_absurd_events_of_a_readable_batch() {
         rejected[1]["error"].as_str().unwrap().contains("RFC3339"),
         "{body}"
     );
-    let kept: Vec<Value> = gw
-        .get_sys("/system/usage?function=env")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let kept: Vec<Value> = gw.usage("function=env").await;
     let calls: Vec<&str> = kept.iter().filter_map(|e| e["call_id"].as_str()).collect();
     assert_eq!(calls, ["a", "d"]);
 }

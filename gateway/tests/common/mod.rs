@@ -227,6 +227,17 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// `GET /system/usage?{query}`: the kept usage events.
+    pub async fn usage(&self, query: &str) -> Vec<Value> {
+        self.get_sys(&format!("/system/usage?{query}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))
