@@ -13,12 +13,7 @@ impl Record for NewCgroup {}
 
 /// Decodes one ring-buffer item; `None` if it is shorter than `T`.
 pub fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < mem::size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the slice holds at least size_of::<T>() bytes, read_unaligned has no alignment
-    // requirement, and `Record` types are #[repr(C)] integers/byte arrays (any bits valid).
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    decode_prefix(bytes, mem::size_of::<T>())
 }
 
 /// Decodes a ring-buffer item that may stop short of `T`'s end (the kernel sends an

@@ -59,17 +59,15 @@ impl Tgids {
         }
     }
 
-    /// Marks every process in the cgroup directory `path` (its `cgroup.procs`); how many.
-    pub fn mark_cgroup(&mut self, path: &Path) -> usize {
+    /// Marks every process in the cgroup directory `path` (its `cgroup.procs`; a cgroup
+    /// gone meanwhile has none to mark).
+    pub fn mark_cgroup(&mut self, path: &Path) {
         let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) else {
-            return 0;
+            return;
         };
-        let mut n = 0;
         for tgid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
             self.mark(tgid);
-            n += 1;
         }
-        n
     }
 }
 

@@ -57,6 +57,27 @@ pub struct UsageLine<'a> {
 }
 
 impl UsageLine<'_> {
+    /// The owned event with these fields (the inverse of [`FunctionUsage::as_line`]).
+    pub fn to_event(&self) -> FunctionUsage {
+        FunctionUsage {
+            event: "function_usage".into(),
+            id: self.id.into(),
+            namespace: self.namespace.into(),
+            function_name: self.function_name.into(),
+            started: self.started.into(),
+            duration: self.duration,
+            memory_bytes: self.memory_bytes,
+            call_id: self.call_id.map(Into::into),
+            status_code: self.status_code,
+            memory_peak_bytes: self.memory_peak_bytes,
+            cpu_ns: self.cpu_ns,
+            cold_start: self.cold_start,
+            init_duration_ns: self.init_duration_ns,
+            billed_duration_ms: self.billed_duration_ms,
+            source: self.source.into(),
+        }
+    }
+
     /// Appends the event as one JSON object (no newline).
     pub fn write(&self, out: &mut Vec<u8>) {
         out.reserve(
@@ -283,6 +304,14 @@ mod tests {
             );
             let back: FunctionUsage = serde_json::from_slice(&line).expect("parses");
             assert_eq!(back, event);
+        }
+    }
+
+    #[test]
+    fn a_line_turns_back_into_its_event() {
+        for i in 0..64 {
+            let event = sample(i);
+            assert_eq!(event.as_line().to_event(), event);
         }
     }
 

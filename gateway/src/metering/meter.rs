@@ -122,23 +122,7 @@ impl Meter {
             self.flusher.send_line(gw, flush::line(&line));
             return;
         }
-        let event = FunctionUsage {
-            event: "function_usage".into(),
-            id: line.id.to_string(),
-            namespace: line.namespace.to_string(),
-            function_name: line.function_name.to_string(),
-            started: line.started.to_string(),
-            duration,
-            memory_bytes: line.memory_bytes,
-            call_id: Some(m.call_id.to_string()),
-            status_code: m.status,
-            memory_peak_bytes: None,
-            cpu_ns: None,
-            cold_start: line.cold_start,
-            init_duration_ns: line.init_duration_ns,
-            billed_duration_ms: line.billed_duration_ms,
-            source: "gateway".into(),
-        };
+        let event = line.to_event();
         let now = Instant::now();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.order.push_back((now, m.call_id.to_string()));
