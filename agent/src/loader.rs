@@ -37,11 +37,13 @@ const fn tp(name: &'static str, category: &'static str, tracepoint: &'static str
     }
 }
 
-/// Every program of `agent-ebpf`. The syscalls are seen through the two raw tracepoints
-/// `raw_syscalls:sys_enter`/`sys_exit` (one program each, dispatching on the syscall number:
-/// read, recvfrom, readv, write, sendto, writev, accept, accept4, close, execve,
-/// exit_group), not through `syscalls:*` tracepoints, whose perf glue every syscall of the
-/// node would pay.
+/// Every program of `agent-ebpf`. Reads, writes, accepts and closes are seen at their exit
+/// through the raw tracepoint `raw_syscalls:sys_exit` (one program, dispatching on the
+/// syscall number: read, recvfrom, readv, write, sendto, writev, accept, accept4, close;
+/// the arguments are still in the saved registers), not through `syscalls:*` tracepoints,
+/// whose perf glue those syscalls of every process would pay. The rare `execve` and
+/// `exit_group` are seen at their entry through their own `syscalls:*` tracepoints: no
+/// program runs at the entry of every syscall.
 pub const PROGRAMS: &[Program] = &[
     tp("tally_exec", "sched", "sched_process_exec"),
     tp("tally_switch", "sched", "sched_switch"),
@@ -49,12 +51,8 @@ pub const PROGRAMS: &[Program] = &[
     tp("tally_fork", "sched", "sched_process_fork"),
     tp("tally_rss", "kmem", "rss_stat"),
     tp("tally_attach", "cgroup", "cgroup_attach_task"),
-    Program {
-        name: "tally_sys_enter",
-        category: "raw_syscalls",
-        tracepoint: "sys_enter",
-        raw: true,
-    },
+    tp("tally_execve", "syscalls", "sys_enter_execve"),
+    tp("tally_exit_group", "syscalls", "sys_enter_exit_group"),
     Program {
         name: "tally_sys_exit",
         category: "raw_syscalls",

@@ -1,29 +1,47 @@
-//! execve entry (through [`super::syscalls`]): reads the call id the gateway put in the new
-//! program's environment (`Http_X_Call_Id=`), so each fork-mode process carries its
-//! invocation.
+//! `syscalls:sys_enter_execve`: reads the call id the gateway put in the new program's
+//! environment (`Http_X_Call_Id=`), so each fork-mode process carries its invocation. (A
+//! `syscalls:*` tracepoint rather than a program at the entry of every syscall: execs are
+//! rare, and any other syscall pays only the kernel's test of its own number.)
 
-use agent_common::{CALL_ID_ENV, CALL_ID_LEN, mode, stat};
+use agent_common::{CALL_ID_ENV, CALL_ID_LEN, ProcessRecord, mode, stat};
 use aya_ebpf::{
-    EbpfContext,
-    helpers::{bpf_probe_read_user, generated::bpf_probe_read_user_str},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_probe_read_user_str},
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 
-use super::{count, proc_entry};
+use super::{count, proc_entry, watched_or_discover};
 
 /// Environment entries looked at.
 const MAX_ENV: usize = 128;
 
-/// An execve in a fork-mode replica (`m`), `envp` its third argument.
-#[inline(always)]
-pub fn enter<C: EbpfContext>(ctx: &C, pid_tgid: u64, m: u32, envp: u64) {
-    if m != mode::FORK {
-        return;
-    }
-    let tgid = (pid_tgid >> 32) as u32;
-    let Some(p) = proc_entry(tgid) else {
-        count(ctx, stat::PROCESS_MAP_FULL);
-        return;
+/// Offset of `envp` in the tracepoint record (see its `format` file).
+const ENVP: usize = 32;
+
+/// An execve: in a fork-mode replica (a new one is discovered here), the call id in the
+/// environment it is handed.
+#[tracepoint(category = "syscalls", name = "sys_enter_execve")]
+pub fn tally_execve(ctx: TracePointContext) -> u32 {
+    let Some((_, m)) = watched_or_discover(&ctx) else {
+        return 0;
     };
+    if m != mode::FORK {
+        return 0;
+    }
+    // SAFETY: reading the tracepoint record at an offset from its format file.
+    let envp = unsafe { ctx.read_at::<u64>(ENVP) }.unwrap_or(0);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(p) = proc_entry(tgid) else {
+        count(&ctx, stat::PROCESS_MAP_FULL);
+        return 0;
+    };
+    read_call_id(p, envp);
+    0
+}
+
+/// Copies the value of `Http_X_Call_Id=` in the environment `envp` into `p`.
+#[inline(always)]
+fn read_call_id(p: *mut ProcessRecord, envp: u64) {
     if envp == 0 {
         return;
     }

@@ -1,6 +1,6 @@
 //! `sched:sched_process_exit`: when the last thread of a metered process exits, its record
-//! (exec → exit, peak RSS of its address space, exit code) goes to user space; every exiting
-//! thread of a watched replica gives back its syscall-arguments slot.
+//! (exec → exit, peak RSS of its address space, exit code) goes to user space; an http-mode
+//! replica's exit is noted for the sweep of its connections.
 
 use agent_common::{ProcessRecord, mode, stat};
 use aya_ebpf::{
@@ -8,8 +8,7 @@ use aya_ebpf::{
 };
 
 use super::{
-    EXITED, MMS, PROCESS_EVENTS, PROCESS_WAKE_AT, PROCS, count, forget_args, now, tgids,
-    wakeup_flags, watched,
+    EXITED, MMS, PROCESS_EVENTS, PROCESS_WAKE_AT, PROCS, count, now, tgids, wakeup_flags, watched,
 };
 
 /// Offsets in the tracepoint record (see its `format` file).
@@ -18,8 +17,7 @@ const GROUP_DEAD: usize = 32;
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn tally_exit(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: reading the tracepoint record at offsets from its format file.
     let (pid, group_dead) = unsafe {
         (
@@ -34,7 +32,6 @@ pub fn tally_exit(ctx: TracePointContext) -> u32 {
         tgids::mark(freed, false);
     }
     let Some((_, m)) = watched() else { return 0 };
-    forget_args(pid_tgid);
     if group_dead == 0 {
         // A thread: drop the entry sched_process_fork made for it, if any.
         if pid != tgid {

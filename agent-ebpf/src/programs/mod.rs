@@ -1,6 +1,6 @@
 //! The maps every program shares, the cgroup filter they all check first, and the drop
-//! counter. Each tracepoint program lives in its own file below; the syscalls are all seen
-//! through the two raw tracepoints of [`syscalls`], which hand each one to its file.
+//! counter. Each tracepoint program lives in its own file below; reads, writes, accepts and
+//! closes are seen at their exit through the raw tracepoint of [`syscalls`].
 
 mod cpu;
 mod exec;
@@ -15,8 +15,6 @@ mod sys_read;
 mod sys_write;
 mod syscalls;
 mod tgids;
-
-use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use agent_common::{CgroupMem, HttpRecord, MmState, NewCgroup, ProcessRecord, stat};
 use aya_ebpf::{
@@ -52,20 +50,6 @@ pub static PROCS: HashMap<u32, ProcessRecord> = HashMap::with_max_entries(16384,
 /// HTTP connections of http-mode replicas, by `tgid << 32 | fd`.
 #[map]
 pub static CONNS: HashMap<u64, HttpRecord> = HashMap::with_max_entries(16384, 0);
-/// What a syscall of interest was asked to do, between its enter and exit: one slot per
-/// thread of a watched replica (by pid_tgid), armed at the enter (`call` != 0) and disarmed
-/// at the exit. The slot stays in the map for the thread's next syscall: arming and
-/// disarming are a lookup and a store, not a hash-table insert and delete (each of those
-/// takes a bucket lock and the map's free list: ≈ 0.1–0.2 µs, on every read and write of a
-/// replica). `sched_process_exit` removes a thread's slot; LRU so that slots of threads that
-/// left a watched cgroup some other way age out.
-#[map]
-pub static ARGS: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
-/// How many slots of [`ARGS`] are armed (one slot): while it is 0 — no watched replica inside
-/// a syscall of interest, most of the time for an event-loop server — `sys_exit` returns
-/// after this one load, for every syscall of the node, without hashing anything.
-#[map]
-pub static PENDING: Array<u64> = Array::with_max_entries(1, 0);
 /// RSS counters per address space (`kmem:rss_stat` mm_id); LRU so dead ones age out.
 #[map]
 pub static MMS: LruHashMap<u32, MmState> = LruHashMap::with_max_entries(16384, 0);
@@ -118,107 +102,6 @@ pub struct Scratch {
 
 /// Response bytes scanned for `Content-Length` / `Transfer-Encoding`.
 pub const SCAN_LEN: usize = 512;
-
-/// What a syscall of interest was asked to do, kept from enter to exit.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SyscallArgs {
-    pub buf: u64,
-    /// The replica's cgroup at entry.
-    pub cgroup_id: u64,
-    pub fd: u32,
-    /// 1 when `buf` points to an iovec array (readv/writev).
-    pub vectored: u16,
-    /// Which exit handler takes it: one of [`call`]; 0 while the slot is disarmed.
-    pub call: u16,
-}
-
-impl SyscallArgs {
-    #[inline(always)]
-    pub fn new(call: u16, cgroup_id: u64, fd: u64, buf: u64, vectored: u16) -> Self {
-        Self {
-            buf,
-            cgroup_id,
-            fd: fd as u32,
-            vectored,
-            call,
-        }
-    }
-}
-
-/// Kinds of [`SyscallArgs`]: what the `sys_exit` program does with the returned value
-/// (never 0: that marks a disarmed slot).
-pub mod call {
-    /// read/recvfrom/readv: the bytes a request may begin with.
-    pub const READ: u16 = 1;
-    /// write/sendto/writev on a known connection: response bytes.
-    pub const WRITE: u16 = 2;
-    /// accept/accept4: a new socket's fd.
-    pub const ACCEPT: u16 = 3;
-}
-
-/// Arms the current thread's [`ARGS`] slot with `args` until its syscall exits (see
-/// [`PENDING`]); the slot is created at the thread's first syscall of interest.
-#[inline(always)]
-pub fn keep_args(pid_tgid: u64, args: &SyscallArgs) {
-    if let Some(slot) = ARGS.get_ptr_mut(pid_tgid) {
-        // SAFETY: the slot is this thread's: only its own syscalls (and its exit) touch it.
-        unsafe {
-            if (*slot).call == 0 {
-                pending_add(1);
-            }
-            // else: its last exit was missed; re-armed, already counted.
-            *slot = *args;
-        }
-    } else if ARGS.insert(pid_tgid, args, NOEXIST).is_ok() {
-        pending_add(1);
-    }
-}
-
-/// The current thread's armed syscall arguments, disarming its slot; `None` at once while
-/// no thread of a watched replica is inside a syscall of interest.
-#[inline(always)]
-pub fn take_args(pid_tgid: u64) -> Option<SyscallArgs> {
-    let n = PENDING.get_ptr_mut(0)?;
-    // SAFETY: the slot is a u64 in map memory; an aligned 8-byte load is atomic (BPF has no
-    // atomic load to select).
-    if unsafe { core::ptr::read_volatile(n) } == 0 {
-        return None;
-    }
-    let slot = ARGS.get_ptr_mut(pid_tgid)?;
-    // SAFETY: as in `keep_args`; the value is copied out before the slot is disarmed.
-    unsafe {
-        if (*slot).call == 0 {
-            return None;
-        }
-        let args = *slot;
-        (*slot).call = 0;
-        atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1);
-        Some(args)
-    }
-}
-
-/// Removes the [`ARGS`] slot of an exiting thread (disarming it if its last syscall never
-/// returned, as `exit_group` does not).
-#[inline(always)]
-pub fn forget_args(pid_tgid: u64) {
-    let Some(slot) = ARGS.get_ptr(pid_tgid) else {
-        return;
-    };
-    // SAFETY: the thread is exiting: nothing else writes its slot.
-    let armed = unsafe { (*slot).call } != 0;
-    if ARGS.remove(pid_tgid).is_ok() && armed {
-        pending_add(-1);
-    }
-}
-
-#[inline(always)]
-fn pending_add(delta: i64) {
-    if let Some(n) = PENDING.get_ptr_mut(0) {
-        // SAFETY: the slot is a u64 in map memory, updated atomically by every CPU.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, delta as u64) };
-    }
-}
 
 /// [`watched`] for the hot hooks (reads and writes, `rss_stat`): every process not marked in
 /// [`TGIDS`] — all but the replicas — returns after one array load, without the cgroup

@@ -1,37 +1,43 @@
-//! accept/accept4 and close in http-mode replicas (entered through [`super::syscalls`]): a
-//! fresh socket forgets any stale state of its fd number; a close ends the open exchange.
+//! accept/accept4 and close in http-mode replicas (at their exit, through
+//! [`super::syscalls`]): a fresh socket's fd number forgets what an earlier socket of that
+//! number left; a close ends the exchange open on it.
 
-use agent_common::{conn, end, mode};
+use agent_common::{conn, end};
 use aya_ebpf::EbpfContext;
 
-use super::{CONNS, SyscallArgs, call, http, keep_args};
+use super::{CONNS, http};
 
-/// An accept in an http-mode replica: its exit is wanted (the new fd).
-#[inline(always)]
-pub fn accept_enter(pid_tgid: u64, cgroup_id: u64, m: u32) {
-    if m != mode::HTTP {
-        return;
-    }
-    keep_args(
-        pid_tgid,
-        &SyscallArgs::new(call::ACCEPT, cgroup_id, 0, 0, 0),
-    );
-}
+/// `EBADF`: a close of an fd that was not open (anything else releases the fd number).
+const EBADF: i64 = 9;
 
-/// The socket `ret` is new: whatever an earlier socket of that number left is stale.
+/// An accept returned `ret`, a new socket's fd.
+///
+/// An exchange still open under that number belongs to the socket it replaced. It is ended
+/// here, as its close would have: seen at the exit, a close of one thread may come after
+/// another thread's accept that got the freed number back.
 #[inline(always)]
-pub fn accepted(pid_tgid: u64, ret: i64) {
+pub fn accepted<C: EbpfContext>(ctx: &C, pid_tgid: u64, ret: i64) {
     if ret < 0 {
         return;
     }
-    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (ret as u64 & 0xffff_ffff);
-    let _ = CONNS.remove(key);
+    end_conn(
+        ctx,
+        (pid_tgid & 0xffff_ffff_0000_0000) | (ret as u64 & 0xffff_ffff),
+    );
 }
 
-/// `close(fd)`: ends the exchange open on it, if any, and forgets the connection.
+/// `close(fd)` returned `ret`.
 #[inline(always)]
-pub fn close<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: u64) {
-    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
+pub fn closed<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: u64, ret: i64) {
+    if ret == -EBADF {
+        return;
+    }
+    end_conn(ctx, (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff));
+}
+
+/// Ends the exchange open on connection `key`, if any, and forgets the connection.
+#[inline(always)]
+fn end_conn<C: EbpfContext>(ctx: &C, key: u64) {
     let Some(c) = CONNS.get_ptr_mut(key) else {
         return;
     };

@@ -1,45 +1,29 @@
-//! write/sendto/writev on connections of http-mode replicas (entered through
+//! write/sendto/writev on connections of http-mode replicas (at their exit, through
 //! [`super::syscalls`]): the response's first write (status line), its bytes, and its last
 //! write.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_probe_read_user};
 
-use super::{CONNS, SyscallArgs, call, http, keep_args};
+use super::{CONNS, http};
 
 /// iovecs walked to find where a writev's bytes end.
 const MAX_IOV: usize = 16;
 
-/// Remembers fd and buffer of a write on a known connection until the syscall returns.
+/// Accounts the `ret` bytes a write of `buf` (an iovec array when `vectored`) sent on `fd`,
+/// if `fd` is a connection with an exchange.
 #[inline(always)]
-pub fn enter(pid_tgid: u64, cgroup_id: u64, fd: u64, buf: u64, vectored: u16) {
-    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
-    if CONNS.get_ptr(key).is_none() {
-        return;
-    }
-    keep_args(
-        pid_tgid,
-        &SyscallArgs::new(call::WRITE, cgroup_id, fd, buf, vectored),
-    );
-}
-
-/// Accounts the `ret` bytes a write sent.
-#[inline(always)]
-pub fn exit<C: EbpfContext>(ctx: &C, pid_tgid: u64, args: &SyscallArgs, ret: i64) {
+pub fn exit<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: u64, buf: u64, vectored: u8, ret: i64) {
     if ret <= 0 {
         return;
     }
     let written = ret as u64;
-    let key = (pid_tgid & 0xffff_ffff_0000_0000) | args.fd as u64;
+    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
     let Some(c) = CONNS.get_ptr_mut(key) else {
         return;
     };
-    if args.vectored == 0 {
-        let tail = if written >= 5 {
-            args.buf + written - 5
-        } else {
-            0
-        };
-        http::on_write(ctx, c, args.buf, written, written, tail);
+    if vectored == 0 {
+        let tail = if written >= 5 { buf + written - 5 } else { 0 };
+        http::on_write(ctx, c, buf, written, written, tail);
         return;
     }
     // writev: the first segment holds the status line; find where the written bytes end.
@@ -49,8 +33,7 @@ pub fn exit<C: EbpfContext>(ctx: &C, pid_tgid: u64, args: &SyscallArgs, ret: i64
     let mut i = 0;
     while i < MAX_IOV {
         // SAFETY: user memory is read through the checked helper only.
-        let Ok(iov) =
-            (unsafe { bpf_probe_read_user((args.buf as *const [u64; 2]).wrapping_add(i)) })
+        let Ok(iov) = (unsafe { bpf_probe_read_user((buf as *const [u64; 2]).wrapping_add(i)) })
         else {
             break;
         };

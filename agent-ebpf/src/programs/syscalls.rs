@@ -1,29 +1,28 @@
-//! `raw_syscalls:sys_enter` and `sys_exit` as raw tracepoints: the two programs that see the
-//! syscalls, handing each one of interest to its file (`sys_read`, `sys_write`, `sys_conn`,
-//! `execve`, `exit_group`).
+//! `raw_syscalls:sys_exit` as a raw tracepoint: the one program run for every syscall of the
+//! node, handing each syscall of interest of a watched replica to its file (`sys_read`,
+//! `sys_write`, `sys_conn`).
 //!
-//! Why raw tracepoints rather than the `syscalls:sys_{enter,exit}_*` tracepoints: those run
-//! through the kernel's perf glue (a perf trace buffer per event, the arguments copied into
-//! it) before a program can return at its cgroup check, and every process on the node pays
-//! it on every traced syscall. A raw tracepoint calls the program with the syscall's
-//! registers and nothing more. Both programs run for *every* syscall of the node, so each
-//! begins with its cheapest test: `sys_enter` looks at the syscall number (an argument, no
-//! helper call), then the process's byte in [`TGIDS`](super::TGIDS), before any cgroup lookup; `sys_exit` first loads [`PENDING`](super::PENDING), 0 unless a
-//! watched replica is inside a syscall whose exit matters, then looks in [`ARGS`](super::ARGS).
+//! Exit only: a syscall's arguments are still in its saved user registers when it returns
+//! (x86_64 `pt_regs`: di, si, dx; the number in `orig_ax`), so nothing needs keeping from
+//! the entry, and no program runs at the entry of every syscall. (Before, a `sys_enter`
+//! program kept each read's and write's arguments in a per-thread map: a second program
+//! call on every syscall of the node, ≈ 50 ns, and a map store per syscall of a replica.)
+//! The two syscalls whose entry matters, `execve` (the environment it is handed) and
+//! `exit_group` (its code), are rare and have their own `syscalls:*` tracepoints
+//! (`execve.rs`, `exit_group.rs`). For every other process the program returns after the
+//! process's byte in [`TGIDS`](super::TGIDS): no register read, no cgroup lookup.
 //!
 //! Syscall numbers are x86_64's; a 32-bit (compat) syscall of a replica is not looked at
 //! (its numbers differ), as the `syscalls:*` tracepoints did not either.
 
+use agent_common::mode;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 
-use super::{
-    SyscallArgs, call, execve, exit_group, sys_conn, sys_read, sys_write, take_args,
-    watched_or_discover, watched_process,
-};
+use super::{sys_conn, sys_read, sys_write, tgids, watched_process};
 
 /// x86_64 syscall numbers (`arch/x86/entry/syscalls/syscall_64.tbl`).
 mod nr {
@@ -35,30 +34,29 @@ mod nr {
     pub const ACCEPT: u64 = 43;
     pub const SENDTO: u64 = 44;
     pub const RECVFROM: u64 = 45;
-    pub const EXECVE: u64 = 59;
-    pub const EXIT_GROUP: u64 = 231;
     pub const ACCEPT4: u64 = 288;
 }
 
-/// The syscalls below 64 whose entry is looked at, one bit each.
-const ENTER_LOW: u64 = 1 << nr::READ
+/// The syscalls below 64 whose exit is looked at, one bit each.
+const WANTED_LOW: u64 = 1 << nr::READ
     | 1 << nr::WRITE
     | 1 << nr::CLOSE
     | 1 << nr::READV
     | 1 << nr::WRITEV
     | 1 << nr::ACCEPT
     | 1 << nr::SENDTO
-    | 1 << nr::RECVFROM
-    | 1 << nr::EXECVE;
+    | 1 << nr::RECVFROM;
 
 /// The user registers a syscall entered with: `struct pt_regs` from `dx` to `cs` (x86_64
-/// layout, `arch/x86/include/asm/ptrace.h`). Arguments go in di, si, dx, r10, r8, r9.
+/// layout, `arch/x86/include/asm/ptrace.h`). Arguments go in di, si, dx, r10, r8, r9; the
+/// kernel leaves them as they were (the result goes to `ax`).
 #[repr(C)]
 struct Regs {
-    dx: u64,
+    _dx: u64,
     si: u64,
     di: u64,
-    _orig_ax: u64,
+    /// The syscall number.
+    orig_ax: u64,
     _ip: u64,
     /// Code segment (low 16 bits): `__USER_CS` for a 64-bit syscall.
     cs: u64,
@@ -77,62 +75,44 @@ fn regs(regs: u64) -> Option<Regs> {
     (r.cs & 0xffff == USER_CS).then_some(r)
 }
 
-/// `sys_enter(struct pt_regs *regs, long id)`.
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn tally_sys_enter(ctx: RawTracePointContext) -> u32 {
-    let id: u64 = ctx.arg(1);
-    let wanted = if id < 64 {
-        (ENTER_LOW >> id) & 1 == 1
+/// Whether syscall `id`'s exit is looked at.
+#[inline(always)]
+fn wanted(id: u64) -> bool {
+    if id < 64 {
+        (WANTED_LOW >> id) & 1 == 1
     } else {
-        id == nr::EXIT_GROUP || id == nr::ACCEPT4
-    };
-    if !wanted {
-        return 0;
+        id == nr::ACCEPT4
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let watched = if id == nr::EXECVE {
-        watched_or_discover(&ctx)
-    } else {
-        watched_process(pid_tgid)
-    };
-    let Some((cgroup_id, m)) = watched else {
-        return 0;
-    };
-    let Some(r) = regs(ctx.arg(0)) else {
-        return 0;
-    };
-    match id {
-        nr::READ | nr::RECVFROM => sys_read::enter(pid_tgid, cgroup_id, m, r.di, r.si, 0),
-        nr::READV => sys_read::enter(pid_tgid, cgroup_id, m, r.di, r.si, 1),
-        nr::WRITE | nr::SENDTO => sys_write::enter(pid_tgid, cgroup_id, r.di, r.si, 0),
-        nr::WRITEV => sys_write::enter(pid_tgid, cgroup_id, r.di, r.si, 1),
-        nr::ACCEPT | nr::ACCEPT4 => sys_conn::accept_enter(pid_tgid, cgroup_id, m),
-        nr::CLOSE => sys_conn::close(&ctx, pid_tgid, r.di),
-        nr::EXECVE => execve::enter(&ctx, pid_tgid, m, r.dx),
-        nr::EXIT_GROUP => exit_group::enter(pid_tgid, r.di),
-        _ => {}
-    }
-    0
 }
 
 /// `sys_exit(struct pt_regs *regs, long ret)`.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn tally_sys_exit(ctx: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(args) = take_args(pid_tgid) else {
+    if !tgids::marked((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let Some(r) = regs(ctx.arg(0)) else {
         return 0;
     };
+    if !wanted(r.orig_ax) {
+        return 0;
+    }
+    let Some((cgroup_id, m)) = watched_process(pid_tgid) else {
+        return 0;
+    };
+    if m != mode::HTTP {
+        return 0;
+    }
     let ret: i64 = ctx.arg(1);
-    exit(&ctx, pid_tgid, &args, ret);
-    0
-}
-
-#[inline(always)]
-fn exit(ctx: &RawTracePointContext, pid_tgid: u64, args: &SyscallArgs, ret: i64) {
-    match args.call {
-        call::READ => sys_read::exit(ctx, pid_tgid, args, ret),
-        call::WRITE => sys_write::exit(ctx, pid_tgid, args, ret),
-        call::ACCEPT => sys_conn::accepted(pid_tgid, ret),
+    match r.orig_ax {
+        nr::READ | nr::RECVFROM => sys_read::exit(&ctx, pid_tgid, cgroup_id, r.di, r.si, 0, ret),
+        nr::READV => sys_read::exit(&ctx, pid_tgid, cgroup_id, r.di, r.si, 1, ret),
+        nr::WRITE | nr::SENDTO => sys_write::exit(&ctx, pid_tgid, r.di, r.si, 0, ret),
+        nr::WRITEV => sys_write::exit(&ctx, pid_tgid, r.di, r.si, 1, ret),
+        nr::ACCEPT | nr::ACCEPT4 => sys_conn::accepted(&ctx, pid_tgid, ret),
+        nr::CLOSE => sys_conn::closed(&ctx, pid_tgid, r.di, ret),
         _ => {}
     }
+    0
 }
