@@ -17,6 +17,9 @@
 //! `TALLY_BENCH_AGENT_BASELINE=PATH` adds two arms: another agent binary (say, the last
 //! commit's release build) as deployed and with bpf_stats on, in the same rotation, to judge
 //! a change on a noisy machine against its baseline measured in the same minutes.
+//! Besides the medians, each arm's median over the rounds of its run's requests/s divided by
+//! the same round's detached run's (paired, so a VM whose speed drifts over minutes weighs
+//! less); `TALLY_BENCH_AGENT_ARMS=ratio` runs only the arms that ratio needs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,27 +75,41 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     // with the others: on a shared, noisy machine a change is best judged against its
     // baseline in the same rounds.
     let baseline = std::env::var_os("TALLY_BENCH_AGENT_BASELINE").map(PathBuf::from);
-    let mut arms: Vec<(&str, Option<&[&str]>)> = vec![
-        ("agent detached", None),
-        ("agent attached", Some(&[])),
-        (
-            "agent attached, bpf_stats on",
-            Some(&["--bpf-stats", "true"]),
-        ),
-        ("agent attached, no replica watched", Some(&[])),
-    ];
+    // TALLY_BENCH_AGENT_ARMS=ratio keeps only the arms of the throughput ratio (detached,
+    // attached, and the baseline attached): more rounds in the same minutes on a noisy VM.
+    let ratio_only = std::env::var("TALLY_BENCH_AGENT_ARMS").is_ok_and(|v| v == "ratio");
+    let mut arms: Vec<Arm> = vec![Arm::new("agent detached", None)];
+    arms.push(Arm::new("agent attached", Some(&[])));
+    if !ratio_only {
+        arms.push(Arm {
+            stats: true,
+            ..Arm::new(
+                "agent attached, bpf_stats on",
+                Some(&["--bpf-stats", "true"]),
+            )
+        });
+        arms.push(Arm {
+            unwatched: true,
+            ..Arm::new("agent attached, no replica watched", Some(&[]))
+        });
+    }
     if baseline.is_some() {
-        arms.push(("baseline agent attached", Some(&[])));
-        arms.push((
-            "baseline agent attached, bpf_stats on",
-            Some(&["--bpf-stats", "true"]),
-        ));
+        arms.push(Arm {
+            baseline: true,
+            ..Arm::new("baseline agent attached", Some(&[]))
+        });
+        if !ratio_only {
+            arms.push(Arm {
+                baseline: true,
+                stats: true,
+                ..Arm::new(
+                    "baseline agent attached, bpf_stats on",
+                    Some(&["--bpf-stats", "true"]),
+                )
+            });
+        }
     }
     let arms = arms;
-    const UNWATCHED_ARM: usize = 3;
-    /// Arms 4 and 5 run the baseline binary; 2 and 5 have bpf_stats on.
-    const BASELINE_ARMS: [usize; 2] = [4, 5];
-    let is_stats = |arm: usize| arm == 2 || arm == 5;
     /// An address nothing listens on: the unwatched arm's agent learns no replica.
     const NOWHERE: &str = "http://127.0.0.1:9";
     let n = arms.len();
@@ -106,26 +123,26 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         // Rotate the order each round, so a machine that drifts weighs on every arm.
         for k in 0..n {
             let arm = (round + k) % n;
-            let Some(extra) = arms[arm].1 else {
+            let Some(extra) = arms[arm].extra else {
                 let g0 = cpu_ticks(gateway_pid)?;
                 let w = wrk::run(&target, seconds, connections)?;
                 gateway_cpu[arm].push(per_request_us(cpu_ticks(gateway_pid)? - g0, w.requests));
                 runs[arm].push(w);
                 continue;
             };
-            let source = if arm == UNWATCHED_ARM { NOWHERE } else { &url };
+            let source = if arms[arm].unwatched { NOWHERE } else { &url };
             let program = match &baseline {
-                Some(path) if BASELINE_ARMS.contains(&arm) => path.clone(),
+                Some(path) if arms[arm].baseline => path.clone(),
                 _ => bin.join("agent"),
             };
             let agent = Agent::start(&program, source, &data, extra)?;
             // The replica list is polled every second: the replica is watched after that.
-            std::thread::sleep(if is_stats(arm) {
+            std::thread::sleep(if arms[arm].stats {
                 STATS_REFRESH
             } else {
                 WATCH_SETTLE
             });
-            let before = if is_stats(arm) {
+            let before = if arms[arm].stats {
                 Some(agent.bpf()?)
             } else {
                 None
@@ -138,7 +155,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
                 cpu_ticks(agent.child.0.id())? - a0,
                 w.requests,
             ));
-            std::thread::sleep(if is_stats(arm) {
+            std::thread::sleep(if arms[arm].stats {
                 STATS_REFRESH
             } else {
                 WATCH_SETTLE
@@ -167,7 +184,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     let base = wrk::median(&runs[0]).rps;
-    for (arm, (name, _)) in arms.iter().enumerate() {
+    for (arm, Arm { name, .. }) in arms.iter().enumerate() {
         let m = wrk::median(&runs[arm]);
         let share = if metered[arm].is_empty() {
             "–".to_string()
@@ -183,15 +200,36 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         );
     }
     println!();
-    for (arm, (name, _)) in arms.iter().enumerate() {
+    for (arm, Arm { name, .. }) in arms.iter().enumerate() {
         println!(
             "{name}, requests/s by round: {:?}",
             runs[arm].iter().map(|w| w.rps.round()).collect::<Vec<_>>()
         );
     }
+    // Each round's arms ran minutes apart at most, seconds apart next to each other: the
+    // ratio within a round cancels the drift of a shared VM that the medians above keep.
+    println!();
+    println!("| paired: each round's requests/s over its detached run's | median | min–max |");
+    println!("|---|---|---|");
+    for (arm, Arm { name, .. }) in arms.iter().enumerate().skip(1) {
+        let ratios: Vec<f64> = runs[arm]
+            .iter()
+            .zip(&runs[0])
+            .map(|(w, d)| w.rps / d.rps)
+            .collect();
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        println!(
+            "| {name} | {:.1}% | {:.1}–{:.1}% |",
+            100.0 * med(&ratios),
+            100.0 * lo,
+            100.0 * hi
+        );
+    }
     println!();
     for (arm, kernel) in kernel.iter().enumerate().filter(|(_, k)| !k.is_empty()) {
-        let name = arms[arm].0;
+        let name = arms[arm].name;
         let ns: Vec<f64> = kernel.iter().map(|k| k.ns_per_invocation).collect();
         let n: Vec<f64> = kernel.iter().map(|k| k.runs_per_invocation).collect();
         println!(
@@ -210,7 +248,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     }
     println!("| CPU per request (median) | gateway process | agent process |");
     println!("|---|---|---|");
-    for (arm, (name, extra)) in arms.iter().enumerate() {
+    for (arm, Arm { name, extra, .. }) in arms.iter().enumerate() {
         let agent = if extra.is_some() {
             format!("{:.1} µs", med(&agent_cpu[arm]))
         } else {
@@ -221,6 +259,31 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     println!();
     println!("target: attached ≥ 97% of detached");
     Ok(())
+}
+
+/// One setup of the benchmark.
+struct Arm {
+    name: &'static str,
+    /// The agent's extra flags; `None`: no agent.
+    extra: Option<&'static [&'static str]>,
+    /// The kernel's bpf_stats on (the programs' run time is read).
+    stats: bool,
+    /// The agent told of no replica: the hooks alone.
+    unwatched: bool,
+    /// The agent binary of `TALLY_BENCH_AGENT_BASELINE`.
+    baseline: bool,
+}
+
+impl Arm {
+    fn new(name: &'static str, extra: Option<&'static [&'static str]>) -> Self {
+        Self {
+            name,
+            extra,
+            stats: false,
+            unwatched: false,
+            baseline: false,
+        }
+    }
 }
 
 /// Program run time (s) and run count per program, from the agent's /metrics.
