@@ -497,10 +497,15 @@ fn run_metering(args: &Args) -> Result<()> {
     let (mut cpu_off, mut cpu_on) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        for (b, runs, cpu) in [
+        // Which gateway goes first alternates, so a VM whose speed drifts weighs on both.
+        let mut arms = [
             (&off, &mut without, &mut cpu_off),
             (&on, &mut with, &mut cpu_on),
-        ] {
+        ];
+        if round % 2 == 1 {
+            arms.reverse();
+        }
+        for (b, runs, cpu) in arms {
             let before = gateway_and_nats_ticks(b.gateway_pid)?;
             let w = wrk::run(
                 &format!("{}/function/tiny", b.url),
@@ -538,6 +543,22 @@ fn run_metering(args: &Args) -> Result<()> {
     );
     println!();
     println!("on / off throughput: {:.1}%", 100.0 * b.rps / a.rps);
+    // Each round's two runs are seconds apart: their ratio cancels the drift of a shared VM
+    // that the medians keep.
+    let mut paired: Vec<f64> = with
+        .iter()
+        .zip(&without)
+        .map(|(on, off)| on.rps / off.rps)
+        .collect();
+    let (lo, hi) = paired
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    println!(
+        "on / off paired (each round's on over its off), median: {:.1}% (min–max {:.1}–{:.1}%)",
+        100.0 * median(&mut paired),
+        100.0 * lo,
+        100.0 * hi
+    );
     println!(
         "CPU per request, gateway + its nats-server (medians): off {:.1} µs, on {:.1} µs (rounds: off {:?}, on {:?})",
         median(&mut cpu_off.clone()),
