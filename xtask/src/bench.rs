@@ -550,9 +550,7 @@ fn run_metering(args: &Args) -> Result<()> {
         .zip(&without)
         .map(|(on, off)| on.rps / off.rps)
         .collect();
-    let (lo, hi) = paired
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let (lo, hi) = min_max(&paired);
     println!(
         "on / off paired (each round's on over its off), median: {:.1}% (min–max {:.1}–{:.1}%)",
         100.0 * median(&mut paired),
@@ -622,6 +620,12 @@ fn gateway_and_nats_ticks(gateway: u32) -> Result<u64> {
         }
     }
     Ok(ticks)
+}
+
+/// The smallest and the largest of `v`.
+pub(crate) fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {

@@ -26,8 +26,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    Guard, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, per_request_us, release_build,
-    start_gateway,
+    Guard, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, min_max, per_request_us,
+    release_build, start_gateway,
 };
 use crate::wrk::{self, Wrk};
 use anyhow::{Context as _, Result, bail};
@@ -217,9 +217,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
             .zip(&runs[0])
             .map(|(w, d)| w.rps / d.rps)
             .collect();
-        let (lo, hi) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let (lo, hi) = min_max(&ratios);
         println!(
             "| {name} | {:.1}% | {:.1}–{:.1}% |",
             100.0 * med(&ratios),
