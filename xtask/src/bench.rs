@@ -545,15 +545,10 @@ fn run_metering(args: &Args) -> Result<()> {
     println!("on / off throughput: {:.1}%", 100.0 * b.rps / a.rps);
     // Each round's two runs are seconds apart: their ratio cancels the drift of a shared VM
     // that the medians keep.
-    let mut paired: Vec<f64> = with
-        .iter()
-        .zip(&without)
-        .map(|(on, off)| on.rps / off.rps)
-        .collect();
-    let (lo, hi) = min_max(&paired);
+    let (mid, lo, hi) = paired_ratio(&with, &without);
     println!(
         "on / off paired (each round's on over its off), median: {:.1}% (min–max {:.1}–{:.1}%)",
-        100.0 * median(&mut paired),
+        100.0 * mid,
         100.0 * lo,
         100.0 * hi
     );
@@ -622,10 +617,14 @@ fn gateway_and_nats_ticks(gateway: u32) -> Result<u64> {
     Ok(ticks)
 }
 
-/// The smallest and the largest of `v`.
-pub(crate) fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
+/// Round by round, `runs`' requests/s over `base`'s (the same round's baseline run): the
+/// median, smallest and largest of those ratios.
+pub(crate) fn paired_ratio(runs: &[crate::wrk::Wrk], base: &[crate::wrk::Wrk]) -> (f64, f64, f64) {
+    let mut ratios: Vec<f64> = runs.iter().zip(base).map(|(r, b)| r.rps / b.rps).collect();
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    (median(&mut ratios), lo, hi)
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {

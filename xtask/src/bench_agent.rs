@@ -26,7 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    Guard, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, min_max, per_request_us,
+    Guard, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, paired_ratio, per_request_us,
     release_build, start_gateway,
 };
 use crate::wrk::{self, Wrk};
@@ -212,15 +212,10 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     println!("| paired: each round's requests/s over its detached run's | median | min–max |");
     println!("|---|---|---|");
     for (arm, Arm { name, .. }) in arms.iter().enumerate().skip(1) {
-        let ratios: Vec<f64> = runs[arm]
-            .iter()
-            .zip(&runs[0])
-            .map(|(w, d)| w.rps / d.rps)
-            .collect();
-        let (lo, hi) = min_max(&ratios);
+        let (mid, lo, hi) = paired_ratio(&runs[arm], &runs[0]);
         println!(
             "| {name} | {:.1}% | {:.1}–{:.1}% |",
-            100.0 * med(&ratios),
+            100.0 * mid,
             100.0 * lo,
             100.0 * hi
         );

@@ -103,16 +103,23 @@ pub struct Scratch {
 /// Response bytes scanned for `Content-Length` / `Transfer-Encoding`.
 pub const SCAN_LEN: usize = 512;
 
-/// [`watched`] for the hot hooks (reads and writes, `rss_stat`): every process not marked in
-/// [`TGIDS`] — all but the replicas — returns after one array load, without the cgroup
-/// helper or a hash lookup. A marked process whose cgroup is not watched (it left its
-/// replica's cgroup, or its tgid was reused) is unmarked here.
+/// [`watched`] for the hot hooks (every syscall's exit, `rss_stat`): every process not
+/// marked in [`TGIDS`] — all but the replicas — returns after one array load, without the
+/// cgroup helper or a hash lookup.
 #[inline(always)]
 pub fn watched_process(pid_tgid: u64) -> Option<(u64, u32)> {
     let tgid = (pid_tgid >> 32) as u32;
     if !tgids::marked(tgid) {
         return None;
     }
+    watched_marked(tgid)
+}
+
+/// [`watched`] for a process already found marked in [`TGIDS`]. A marked process whose
+/// cgroup is not watched (it left its replica's cgroup, or its tgid was reused) is unmarked
+/// here.
+#[inline(always)]
+pub fn watched_marked(tgid: u32) -> Option<(u64, u32)> {
     let w = watched();
     if w.is_none() {
         tgids::mark(tgid, false);

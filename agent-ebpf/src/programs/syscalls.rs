@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 
-use super::{sys_conn, sys_read, sys_write, tgids, watched_process};
+use super::{sys_conn, sys_read, sys_write, tgids, watched_marked};
 
 /// x86_64 syscall numbers (`arch/x86/entry/syscalls/syscall_64.tbl`).
 mod nr {
@@ -89,7 +89,8 @@ fn wanted(id: u64) -> bool {
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn tally_sys_exit(ctx: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !tgids::marked((pid_tgid >> 32) as u32) {
+    let tgid = (pid_tgid >> 32) as u32;
+    if !tgids::marked(tgid) {
         return 0;
     }
     let Some(r) = regs(ctx.arg(0)) else {
@@ -98,7 +99,7 @@ pub fn tally_sys_exit(ctx: RawTracePointContext) -> u32 {
     if !wanted(r.orig_ax) {
         return 0;
     }
-    let Some((cgroup_id, m)) = watched_process(pid_tgid) else {
+    let Some((cgroup_id, m)) = watched_marked(tgid) else {
         return 0;
     };
     if m != mode::HTTP {

@@ -227,15 +227,20 @@ impl TestGateway {
             .unwrap()
     }
 
-    /// `GET /system/usage?{query}`: the kept usage events.
-    pub async fn usage(&self, query: &str) -> Vec<Value> {
-        self.get_sys(&format!("/system/usage?{query}"))
+    /// `GET {path}` with credentials, its body as JSON.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        self.get_sys(path)
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap()
+    }
+
+    /// `GET /system/usage?{query}`: the kept usage events.
+    pub async fn usage(&self, query: &str) -> Vec<Value> {
+        self.get_json(&format!("/system/usage?{query}")).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -250,13 +255,7 @@ impl TestGateway {
     }
 
     pub async fn replicas(&self) -> Value {
-        self.get_sys("/system/replicas")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.get_json("/system/replicas").await
     }
 }
 
