@@ -153,10 +153,45 @@ pub struct CgroupMem {
     pub active: u64,
 }
 
+/// Words of the agent's own `task_struct` the calibration program copies out.
+pub const CALIBRATION_WORDS: usize = 128;
+
+/// What the calibration program (at one syscall exit of the agent's own thread) reports, so
+/// user space can find where a task's saved user registers are: the kernel passes
+/// `sys_exit` the address of `struct pt_regs`, and one of the task's first words is its
+/// kernel stack, a little below it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Calibration {
+    /// The thread group to calibrate on (the agent); set by user space.
+    pub tgid: u32,
+    /// Set to 1 by the program once the fields below are filled.
+    pub done: u32,
+    /// The `struct pt_regs *` of the syscall.
+    pub regs: u64,
+    /// The first words of the task's `task_struct`.
+    pub task: [u64; CALIBRATION_WORDS],
+}
+
+/// Where a task's saved user registers are, from [`Calibration`]: `pt_regs` is at
+/// `*(task + task_stack) + regs_at`. Zero until user space has calibrated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegsLayout {
+    /// Offset of `stack` (the kernel stack's base) in `struct task_struct`.
+    pub task_stack: u64,
+    /// Offset of `struct pt_regs` from the kernel stack's base.
+    pub regs_at: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type below is #[repr(C)], Copy, made only of integers and byte arrays,
     // with explicit padding fields, so any bit pattern is a valid value.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::Calibration {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::RegsLayout {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::ProcessRecord {}
     #[allow(unsafe_code)]

@@ -30,6 +30,8 @@ pub enum Error {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("locating the saved user registers on the kernel stack: {0}")]
+    Calibration(&'static str),
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("eBPF map: {0}")]

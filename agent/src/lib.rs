@@ -16,6 +16,7 @@ pub mod join;
 pub mod loader;
 pub mod metrics;
 pub mod records;
+pub mod regs;
 pub mod replicas;
 pub mod run;
 pub mod sys;

@@ -37,13 +37,21 @@ const fn tp(name: &'static str, category: &'static str, tracepoint: &'static str
     }
 }
 
-/// Every program of `agent-ebpf`. Reads, writes, accepts and closes are seen at their exit
-/// through the raw tracepoint `raw_syscalls:sys_exit` (one program, dispatching on the
-/// syscall number: read, recvfrom, readv, write, sendto, writev, accept, accept4, close;
-/// the arguments are still in the saved registers), not through `syscalls:*` tracepoints,
-/// whose perf glue those syscalls of every process would pay. The rare `execve` and
-/// `exit_group` are seen at their entry through their own `syscalls:*` tracepoints: no
-/// program runs at the entry of every syscall.
+const fn raw(name: &'static str, category: &'static str, tracepoint: &'static str) -> Program {
+    Program {
+        name,
+        category,
+        tracepoint,
+        raw: true,
+    }
+}
+
+/// Every program of `agent-ebpf` that stays attached (the calibration one, [`CALIBRATION`],
+/// runs only at start-up). Socket reads, writes and closes are seen through the raw
+/// tracepoints `sock:sock_recv_length`, `sock:sock_send_length` and
+/// `sock:inet_sock_set_state`, and a fork-mode process's call id and exit code through
+/// `sched:*` (both from its saved registers): no program hooks syscalls, so no syscall of any
+/// process takes the kernel's syscall-tracing slow path.
 pub const PROGRAMS: &[Program] = &[
     tp("tally_exec", "sched", "sched_process_exec"),
     tp("tally_switch", "sched", "sched_switch"),
@@ -51,15 +59,14 @@ pub const PROGRAMS: &[Program] = &[
     tp("tally_fork", "sched", "sched_process_fork"),
     tp("tally_rss", "kmem", "rss_stat"),
     tp("tally_attach", "cgroup", "cgroup_attach_task"),
-    tp("tally_execve", "syscalls", "sys_enter_execve"),
-    tp("tally_exit_group", "syscalls", "sys_enter_exit_group"),
-    Program {
-        name: "tally_sys_exit",
-        category: "raw_syscalls",
-        tracepoint: "sys_exit",
-        raw: true,
-    },
+    raw("tally_sock_recv", "sock", "sock_recv_length"),
+    raw("tally_sock_send", "sock", "sock_send_length"),
+    raw("tally_sock_state", "sock", "inet_sock_set_state"),
 ];
+
+/// The program that locates the saved user registers at start-up (`crate::regs`): attached
+/// to `raw_syscalls:sys_exit` for a moment, then detached.
+pub const CALIBRATION: Program = raw("tally_calibrate", "raw_syscalls", "sys_exit");
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -104,7 +111,7 @@ pub fn ensure_tracefs() -> Result<(), Error> {
 
 /// The first tracepoint the kernel does not offer, as an error naming it.
 pub fn check_tracepoints(tracefs: &Path) -> Result<(), Error> {
-    for p in PROGRAMS {
+    for p in PROGRAMS.iter().chain([&CALIBRATION]) {
         let path: PathBuf = tracefs.join("events").join(p.category).join(p.tracepoint);
         if !path.join("id").is_file() {
             return Err(Error::MissingTracepoint {
@@ -188,6 +195,7 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
             None
         }
     };
+    crate::regs::calibrate(&mut ebpf)?;
     for p in PROGRAMS {
         let name = p.name;
         if name == CPU_TIME_PROGRAM && !cpu_time {

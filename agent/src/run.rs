@@ -262,9 +262,10 @@ fn drain_http(
     }
 }
 
-/// Removes kernel state of processes that are gone. A process that exits closes its sockets
-/// without `close(2)`, so its connections stay in CONNS: an exchange still open there (the
-/// replica died mid-request) is reported with what was seen (status 0 if no response).
+/// Removes kernel state of processes that are gone. The kernel ends a connection when its
+/// TCP socket closes, at the process's exit too; one that outlives its reader (the socket
+/// shared with a process outside the replica) stays in CONNS: an exchange still open there
+/// (the replica died mid-request) is reported with what was seen (status 0 if no response).
 fn sweep(
     conns: &mut aya::maps::HashMap<MapData, u64, HttpRecord>,
     procs: &mut aya::maps::HashMap<MapData, u32, ProcessRecord>,
@@ -276,9 +277,10 @@ fn sweep(
 ) {
     let alive = |tgid: u32| std::path::Path::new(&format!("/proc/{tgid}")).exists();
     let dead: Vec<u64> = conns
-        .keys()
+        .iter()
         .filter_map(Result::ok)
-        .filter(|k| !alive((k >> 32) as u32))
+        .filter(|(_, r)| !alive(r.tgid))
+        .map(|(k, _)| k)
         .collect();
     for key in dead {
         if let Ok(mut r) = conns.get(&key, 0)

@@ -88,13 +88,21 @@ async fn gateway_replicas_with_basic_auth() {
 #[test]
 fn missing_tracepoint_is_named() {
     // Each tracepoint the agent needs, left out in turn from a fake tracefs: a plain one
-    // (`kmem:rss_stat`) and the raw one the syscall programs attach to.
-    for (category, missing) in [("kmem", "rss_stat"), ("raw_syscalls", "sys_exit")] {
+    // (`kmem:rss_stat`), a raw one the socket programs attach to, and the one the start-up
+    // calibration attaches to for a moment.
+    for (category, missing) in [
+        ("kmem", "rss_stat"),
+        ("sock", "sock_recv_length"),
+        ("raw_syscalls", "sys_exit"),
+    ] {
         let dir = std::env::temp_dir().join(format!(
             "tally-fake-tracefs-{}-{missing}",
             std::process::id()
         ));
-        for prog in agent::loader::PROGRAMS {
+        for prog in agent::loader::PROGRAMS
+            .iter()
+            .chain([&agent::loader::CALIBRATION])
+        {
             if prog.tracepoint != missing {
                 let p: PathBuf = dir.join("events").join(prog.category).join(prog.tracepoint);
                 std::fs::create_dir_all(&p).expect("mkdir");

@@ -1,6 +1,8 @@
 //! `sched:sched_process_exit`: when the last thread of a metered process exits, its record
 //! (exec → exit, peak RSS of its address space, exit code) goes to user space; an http-mode
-//! replica's exit is noted for the sweep of its connections.
+//! replica's exit is noted for the sweep of its connections. The exit code is the argument
+//! of the `exit_group(2)` (or last thread's `exit(2)`) the task is in, still in its saved
+//! user registers; a process killed by a signal keeps -1.
 
 use agent_common::{ProcessRecord, mode, stat};
 use aya_ebpf::{
@@ -8,8 +10,13 @@ use aya_ebpf::{
 };
 
 use super::{
-    EXITED, MMS, PROCESS_EVENTS, PROCESS_WAKE_AT, PROCS, count, now, tgids, wakeup_flags, watched,
+    EXITED, MMS, PROCESS_EVENTS, PROCESS_WAKE_AT, PROCS, count, now, regs, tgids, wakeup_flags,
+    watched,
 };
+
+/// x86_64 syscall numbers of `exit` and `exit_group`.
+const NR_EXIT: u64 = 60;
+const NR_EXIT_GROUP: u64 = 231;
 
 /// Offsets in the tracepoint record (see its `format` file).
 const PID: usize = 24;
@@ -32,6 +39,14 @@ pub fn tally_exit(ctx: TracePointContext) -> u32 {
         tgids::mark(freed, false);
     }
     let Some((_, m)) = watched() else { return 0 };
+    if m == mode::FORK
+        && let Some(p) = PROCS.get_ptr_mut(tgid)
+        && let Some(r) = regs::current()
+        && (r.orig_ax == NR_EXIT_GROUP || (r.orig_ax == NR_EXIT && group_dead != 0))
+    {
+        // SAFETY: `p` points into PROCS; only this process writes its exit code.
+        unsafe { (*p).exit_code = (r.di & 0xff) as i32 };
+    }
     if group_dead == 0 {
         // A thread: drop the entry sched_process_fork made for it, if any.
         if pid != tgid {

@@ -40,7 +40,8 @@ pub fn is_request(first: &[u8; 8]) -> bool {
 pub fn start_request<C: EbpfContext>(
     ctx: &C,
     c: *mut HttpRecord,
-    key: u64,
+    tgid: u32,
+    fd: u32,
     cgroup_id: u64,
     data: u64,
     len: u64,
@@ -53,8 +54,8 @@ pub fn start_request<C: EbpfContext>(
             _ => {}
         }
         (*c).cgroup_id = cgroup_id;
-        (*c).tgid = (key >> 32) as u32;
-        (*c).fd = key as u32;
+        (*c).tgid = tgid;
+        (*c).fd = fd;
         (*c).request_ns = now();
         (*c).response_ns = 0;
         (*c).end_ns = 0;

@@ -1,19 +1,17 @@
 //! The maps every program shares, the cgroup filter they all check first, and the drop
-//! counter. Each tracepoint program lives in its own file below; reads, writes, accepts and
-//! closes are seen at their exit through the raw tracepoint of [`syscalls`].
+//! counter. Each tracepoint program lives in its own file below; socket reads, writes and
+//! closes are seen through the raw tracepoints of [`sock_io`], never a syscall hook.
 
 mod cpu;
 mod exec;
-mod execve;
 mod exit;
-mod exit_group;
 mod fork;
 mod http;
+mod regs;
 mod rss;
-mod sys_conn;
-mod sys_read;
-mod sys_write;
-mod syscalls;
+mod sock_io;
+mod sock_read;
+mod sock_write;
 mod tgids;
 
 use agent_common::{CgroupMem, HttpRecord, MmState, NewCgroup, ProcessRecord, stat};
@@ -103,7 +101,7 @@ pub struct Scratch {
 /// Response bytes scanned for `Content-Length` / `Transfer-Encoding`.
 pub const SCAN_LEN: usize = 512;
 
-/// [`watched`] for the hot hooks (every syscall's exit, `rss_stat`): every process not
+/// [`watched`] for the hot hooks (every socket read and write, `rss_stat`): every process not
 /// marked in [`TGIDS`] — all but the replicas — returns after one array load, without the
 /// cgroup helper or a hash lookup.
 #[inline(always)]
@@ -145,7 +143,7 @@ const NOEXIST: u64 = 1;
 
 /// [`watched`], and for an exec in a cgroup not (yet) watched: is it a new replica, a child
 /// cgroup of a function's cgroup? Then it is watched from now on, with the function's mode,
-/// and user space is told. Runs at exec only (`execve` entry, `sched_process_exec`): the
+/// and user space is told. Runs at exec only (`sched_process_exec`): the
 /// gateway moves a replica's process into its cgroup before the exec, so the replica is
 /// watched before its program runs, however quickly it serves its first request.
 #[inline(always)]
@@ -244,7 +242,7 @@ pub fn count<C: EbpfContext>(ctx: &C, slot: u32) {
     aya_log_ebpf::warn!(ctx, "tally: dropped (stat slot {})", slot);
 }
 
-/// The PROCS entry of `tgid`, created (exit code -1 = "no exit_group seen") if absent;
+/// The PROCS entry of `tgid`, created (exit code -1 = "no exit_group or exit seen") if absent;
 /// `None` only when the map is full.
 #[inline(always)]
 pub fn proc_entry(tgid: u32) -> Option<*mut ProcessRecord> {

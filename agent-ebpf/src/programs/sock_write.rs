@@ -1,6 +1,5 @@
-//! write/sendto/writev on connections of http-mode replicas (at their exit, through
-//! [`super::syscalls`]): the response's first write (status line), its bytes, and its last
-//! write.
+//! Socket writes (write/sendto/writev) of http-mode replicas, through [`super::sock_io`]:
+//! the response's first write (status line), its bytes, and its last write.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_probe_read_user};
 
@@ -9,16 +8,15 @@ use super::{CONNS, http};
 /// iovecs walked to find where a writev's bytes end.
 const MAX_IOV: usize = 16;
 
-/// Accounts the `ret` bytes a write of `buf` (an iovec array when `vectored`) sent on `fd`,
-/// if `fd` is a connection with an exchange.
+/// Accounts the `ret` bytes a write of `buf` (an iovec array when `vectored`) sent on
+/// socket `sk`, if it is a connection with an exchange.
 #[inline(always)]
-pub fn exit<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: u64, buf: u64, vectored: u8, ret: i64) {
+pub fn exit<C: EbpfContext>(ctx: &C, sk: u64, buf: u64, vectored: u8, ret: i64) {
     if ret <= 0 {
         return;
     }
     let written = ret as u64;
-    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
-    let Some(c) = CONNS.get_ptr_mut(key) else {
+    let Some(c) = CONNS.get_ptr_mut(sk) else {
         return;
     };
     if vectored == 0 {

@@ -1,20 +1,22 @@
-//! read/recvfrom/readv in http-mode replicas (at their exit, through [`super::syscalls`]): a
-//! read whose first bytes begin a request line opens an exchange on (tgid, fd) and copies its
-//! head.
+//! Socket reads (read/recvfrom/readv) of http-mode replicas, through [`super::sock_io`]: a
+//! read whose first bytes begin a request line opens an exchange on its socket and copies
+//! the request's head.
 
 use agent_common::stat;
 use aya_ebpf::{EbpfContext, helpers::bpf_probe_read_user};
 
 use super::{conn_entry, count, http};
 
-/// Looks at the `ret` bytes a read of `fd` into `buf` (an iovec array when `vectored`)
-/// returned.
+/// Looks at the `ret` bytes a read of socket `sk` (fd `fd` of process `tgid`) into `buf`
+/// (an iovec array when `vectored`) returned.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn exit<C: EbpfContext>(
     ctx: &C,
-    pid_tgid: u64,
-    cgroup_id: u64,
+    tgid: u32,
     fd: u64,
+    cgroup_id: u64,
+    sk: u64,
     buf: u64,
     vectored: u8,
     ret: i64,
@@ -48,10 +50,9 @@ pub fn exit<C: EbpfContext>(
     if !http::is_request(&first) {
         return;
     }
-    let key = (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
-    let Some(c) = conn_entry(key) else {
+    let Some(c) = conn_entry(sk) else {
         count(ctx, stat::CONN_MAP_FULL);
         return;
     };
-    http::start_request(ctx, c, key, cgroup_id, data, len);
+    http::start_request(ctx, c, tgid, fd as u32, cgroup_id, data, len);
 }

@@ -1,0 +1,129 @@
+//! The socket hooks of http-mode replicas, as raw tracepoints: `sock_recv_length` and
+//! `sock_send_length` (the end of every socket read and write) and `inet_sock_set_state`
+//! (a TCP connection closing).
+//!
+//! No syscall hook: any `raw_syscalls`/`syscalls:*` program switches on the kernel's
+//! syscall-tracing slow path for every task of the node, so every syscall of every process
+//! paid for it. These fire on socket I/O only, in the reader's or writer's context, after
+//! the copy; a process not marked in [`TGIDS`](super::TGIDS) returns after its byte. For a
+//! replica the syscall's arguments (fd, buffer) come from its saved user registers
+//! ([`regs`]); connections are keyed by the socket (`struct sock *`), so an fd number's
+//! reuse does not matter, and a close is seen as the socket's state change.
+//!
+//! Syscall numbers are x86_64's; a 32-bit (compat) syscall of a replica is not looked at.
+
+use agent_common::{conn, end, mode};
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+
+use super::{CONNS, http, regs, sock_read, sock_write, tgids, watched_marked};
+
+/// x86_64 syscall numbers (`arch/x86/entry/syscalls/syscall_64.tbl`).
+mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+}
+
+/// `MSG_PEEK`: a read that leaves the bytes queued (the real read follows).
+const MSG_PEEK: u32 = 2;
+
+/// TCP states (`include/net/tcp_states.h`) in which a socket has been closed on this side
+/// (`FIN_WAIT1`: closed first; `LAST_ACK`: closed after the peer) or is gone (`CLOSE`: reset,
+/// aborted, done).
+const TCP_FIN_WAIT1: u32 = 4;
+const TCP_CLOSE: u32 = 7;
+const TCP_LAST_ACK: u32 = 9;
+
+/// An `int` argument of a raw tracepoint: the kernel widens it without sign extension.
+#[inline(always)]
+fn int_arg(ctx: &RawTracePointContext, n: usize) -> i64 {
+    ctx.arg::<u64>(n) as u32 as i32 as i64
+}
+
+/// A socket I/O of an http-mode replica: `(tgid, cgroup id, registers)`, or `None` for
+/// every other process (after one byte of [`TGIDS`](super::TGIDS)).
+#[inline(always)]
+fn replica_io() -> Option<(u32, u64, regs::UserRegs)> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !tgids::marked(tgid) {
+        return None;
+    }
+    let r = regs::current()?;
+    let (cgroup_id, m) = watched_marked(tgid)?;
+    (m == mode::HTTP).then_some((tgid, cgroup_id, r))
+}
+
+/// `sock_recv_length(struct sock *sk, int ret, int flags)`.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
+    let ret = int_arg(&ctx, 1);
+    if ret <= 0 || int_arg(&ctx, 2) as u32 & MSG_PEEK != 0 {
+        return 0;
+    }
+    let Some((tgid, cgroup_id, r)) = replica_io() else {
+        return 0;
+    };
+    let vectored = match r.orig_ax {
+        nr::READ | nr::RECVFROM => 0,
+        nr::READV => 1,
+        _ => return 0,
+    };
+    let sk: u64 = ctx.arg(0);
+    sock_read::exit(&ctx, tgid, r.di, cgroup_id, sk, r.si, vectored, ret);
+    0
+}
+
+/// `sock_send_length(struct sock *sk, int ret, int flags)`.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn tally_sock_send(ctx: RawTracePointContext) -> u32 {
+    let ret = int_arg(&ctx, 1);
+    if ret <= 0 {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    let Some((_, _, r)) = replica_io() else {
+        return 0;
+    };
+    let vectored = match r.orig_ax {
+        nr::WRITE | nr::SENDTO => 0,
+        nr::WRITEV => 1,
+        _ => return 0,
+    };
+    sock_write::exit(&ctx, sk, r.si, vectored, ret);
+    0
+}
+
+/// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`: a connection
+/// closed on the replica's side (or reset) ends the exchange open on it, as the close of
+/// its fd would have, and is forgotten. Only connections in CONNS are looked at, whoever's
+/// context this is (a reset arrives in softirq).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn tally_sock_state(ctx: RawTracePointContext) -> u32 {
+    let new = int_arg(&ctx, 2) as u32;
+    if new != TCP_FIN_WAIT1 && new != TCP_LAST_ACK && new != TCP_CLOSE {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    closed(&ctx, sk);
+    0
+}
+
+/// Ends the exchange open on connection `key`, if any, and forgets the connection.
+#[inline(always)]
+fn closed<C: EbpfContext>(ctx: &C, key: u64) {
+    let Some(c) = CONNS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: `c` points into CONNS.
+    let state = unsafe { (*c).state };
+    if state == conn::REQUEST || state == conn::RESPONSE {
+        http::finish(ctx, c, end::CLOSE);
+    }
+    let _ = CONNS.remove(key);
+}
