@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint, trace_point::TracePointLinkId},
+    programs::{
+        RawTracePoint, TracePoint, raw_trace_point::RawTracePointLinkId,
+        trace_point::TracePointLinkId,
+    },
 };
 use aya_log::EbpfLogger;
 use tracing::info;
@@ -94,6 +97,63 @@ pub struct Kernel {
     /// Exit times of http-mode processes, by tgid.
     pub exited: aya::maps::HashMap<MapData, u32, u64>,
     pub tgids: crate::tgids::Tgids,
+    /// Every attached program's link but `sched_switch`'s, for pause and resume.
+    pub attachments: Attachments,
+}
+
+/// A program's link, kept so that it can be detached.
+enum Link {
+    Raw(RawTracePointLinkId),
+    Perf(TracePointLinkId),
+}
+
+/// The links of the programs in [`PROGRAMS`] (but `sched_switch`, see [`CpuTimer`]):
+/// [`Attachments::pause`] detaches them all (the node then pays nothing, and nothing is
+/// metered in the kernel), [`Attachments::resume`] attaches them again. The agent does so on
+/// SIGUSR1 / SIGUSR2; `cargo xtask bench agent` alternates the two every second to measure
+/// the agent's cost against its absence in the same seconds.
+#[derive(Default)]
+pub struct Attachments {
+    links: Vec<(&'static str, Link)>,
+}
+
+impl Attachments {
+    /// Attaches every program not attached yet.
+    pub fn resume(&mut self, ebpf: &mut Ebpf) -> Result<(), Error> {
+        for p in PROGRAMS {
+            if p.name == CPU_TIME_PROGRAM || self.links.iter().any(|(n, _)| *n == p.name) {
+                continue;
+            }
+            let name = p.name;
+            let link = if p.raw {
+                let prog: &mut RawTracePoint = typed(ebpf, name)?;
+                Link::Raw(
+                    prog.attach(p.tracepoint)
+                        .map_err(|source| Error::Program { name, source })?,
+                )
+            } else {
+                let prog: &mut TracePoint = typed(ebpf, name)?;
+                Link::Perf(
+                    prog.attach(p.category, p.tracepoint)
+                        .map_err(|source| Error::Program { name, source })?,
+                )
+            };
+            self.links.push((name, link));
+        }
+        Ok(())
+    }
+
+    /// Detaches every program this attached.
+    pub fn pause(&mut self, ebpf: &mut Ebpf) -> Result<(), Error> {
+        while let Some((name, link)) = self.links.pop() {
+            match link {
+                Link::Raw(id) => typed::<RawTracePoint>(ebpf, name)?.detach(id),
+                Link::Perf(id) => typed::<TracePoint>(ebpf, name)?.detach(id),
+            }
+            .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(())
+    }
 }
 
 /// Mounts tracefs at [`TRACEFS`] unless it is already there.
@@ -201,23 +261,16 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
         if name == CPU_TIME_PROGRAM && !cpu_time {
             continue;
         }
-        if p.raw {
-            let prog: &mut RawTracePoint = typed(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| Error::Program { name, source })?;
-            prog.attach(p.tracepoint)
-                .map_err(|source| Error::Program { name, source })?;
-            continue;
-        }
-        let prog: &mut TracePoint = typed(&mut ebpf, name)?;
-        prog.load()
-            .map_err(|source| Error::Program { name, source })?;
-        // `sched_switch` waits for the first fork-mode replica (`CpuTimer`).
-        if name != CPU_TIME_PROGRAM {
-            prog.attach(p.category, p.tracepoint)
-                .map_err(|source| Error::Program { name, source })?;
-        }
+        let loaded = if p.raw {
+            typed::<RawTracePoint>(&mut ebpf, name)?.load()
+        } else {
+            typed::<TracePoint>(&mut ebpf, name)?.load()
+        };
+        loaded.map_err(|source| Error::Program { name, source })?;
     }
+    // `sched_switch` waits for the first fork-mode replica (`CpuTimer`).
+    let mut attachments = Attachments::default();
+    attachments.resume(&mut ebpf)?;
     info!(
         programs = PROGRAMS.len() - 1,
         cpu_time, "eBPF programs attached (sched_switch: while fork-mode replicas are watched)"
@@ -252,6 +305,7 @@ pub fn load_with(cpu_time: bool) -> Result<Kernel, Error> {
         procs,
         exited,
         tgids,
+        attachments,
     })
 }
 

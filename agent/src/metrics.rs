@@ -28,6 +28,8 @@ pub struct Metrics {
     pub kernel_drops: IntCounterVec,
     pub unmatched_records: IntCounter,
     pub replicas_discovered: IntCounter,
+    /// 1 while the kernel programs are attached, 0 while paused (SIGUSR1).
+    pub programs_attached: IntGauge,
     pub bpf_run_time: GaugeVec,
     pub bpf_run_count: GaugeVec,
 }
@@ -88,6 +90,10 @@ impl Metrics {
             "tally_agent_replicas_discovered_total",
             "Replica cgroups the kernel began watching at their first exec, before the workload source listed them",
         )?;
+        let programs_attached = IntGauge::new(
+            "tally_agent_programs_attached",
+            "1 while the eBPF programs are attached; 0 while paused by SIGUSR1 (resumed by SIGUSR2)",
+        )?;
         let bpf_run_time = GaugeVec::new(
             Opts::new(
                 "tally_agent_bpf_run_time_seconds",
@@ -110,6 +116,7 @@ impl Metrics {
         registry.register(Box::new(kernel_drops.clone()))?;
         registry.register(Box::new(unmatched_records.clone()))?;
         registry.register(Box::new(replicas_discovered.clone()))?;
+        registry.register(Box::new(programs_attached.clone()))?;
         registry.register(Box::new(bpf_run_time.clone()))?;
         registry.register(Box::new(bpf_run_count.clone()))?;
         Ok(Self {
@@ -125,6 +132,7 @@ impl Metrics {
             kernel_drops,
             unmatched_records,
             replicas_discovered,
+            programs_attached,
             bpf_run_time,
             bpf_run_count,
         })

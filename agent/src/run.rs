@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use agent_common::{CgroupMem, HttpRecord, NewCgroup, ProcessRecord};
 use aya::maps::{MapData, RingBuf};
 use prometheus::{Gauge, Histogram};
-use tokio::sync::watch;
+use tokio::{signal::unix, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
@@ -81,7 +81,11 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
         mut procs,
         exited,
         tgids,
+        mut attachments,
     } = kernel;
+    metrics.programs_attached.set(1);
+    let mut pause = unix::signal(unix::SignalKind::user_defined1())?;
+    let mut resume = unix::signal(unix::SignalKind::user_defined2())?;
     // Keep the fd: bpf_stats stay enabled while it is open.
     // Off by default: with the kernel's stats on, every program run (here: every syscall of
     // the node, twice) also reads the clock twice, ≈ 100 ns a run on our VMs.
@@ -163,6 +167,24 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             _ = stats_tick.tick() => {
                 kernel_stats(&ebpf, &stats, &metrics);
                 sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &metrics, &mut emit);
+            }
+            _ = pause.recv() => {
+                match attachments.pause(&mut ebpf) {
+                    Ok(()) => {
+                        metrics.programs_attached.set(0);
+                        info!("SIGUSR1: eBPF programs detached (nothing is metered in the kernel until SIGUSR2)");
+                    }
+                    Err(e) => warn!(error = %e, "SIGUSR1: could not detach every program"),
+                }
+            }
+            _ = resume.recv() => {
+                match attachments.resume(&mut ebpf) {
+                    Ok(()) => {
+                        metrics.programs_attached.set(1);
+                        info!("SIGUSR2: eBPF programs attached again");
+                    }
+                    Err(e) => warn!(error = %e, "SIGUSR2: could not attach every program"),
+                }
             }
             _ = shutdown.changed() => break,
         }

@@ -1,5 +1,6 @@
 //! http mode edge cases with the Python server: a response without Content-Length (ended by
-//! closing the connection), and a keep-alive connection opened before the agent started.
+//! closing the connection), a keep-alive connection opened before the agent started, and
+//! the programs paused (SIGUSR1) and resumed (SIGUSR2).
 
 mod common;
 
@@ -91,7 +92,7 @@ async fn connection_older_than_the_agent_is_metered() {
     logged(&server);
     let mut agent = TestAgent::start(vec![cg.replica(Mode::Http)]).await;
     // The server thread was already blocked in recvfrom when the programs attached: that
-    // read is seen at its exit (its arguments are still in the saved registers), so the
+    // read is seen when it returns (its arguments are still in the saved registers), so the
     // first request after the agent started is metered like the next one.
     let (status, _) = tokio::task::block_in_place(|| http_get(&mut conn, "/?ms=5", "after-1"));
     assert_eq!(status, 200);
@@ -114,5 +115,57 @@ async fn connection_older_than_the_agent_is_metered() {
             .expect("metered");
         assert_duration(id, ev.duration_ns, t1 - t0);
     }
+    agent.stop().await;
+}
+
+/// Waits until the agent's `tally_agent_programs_attached` gauge reads `want`.
+async fn programs_attached(agent: &TestAgent, want: i64) {
+    for _ in 0..200 {
+        if agent.metrics.programs_attached.get() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("tally_agent_programs_attached never became {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_programs_meter_nothing_until_resumed() {
+    use nix::sys::signal::{Signal, raise};
+    if !can_run("paused_programs_meter_nothing_until_resumed") {
+        return;
+    }
+    let _serial = common::serial().await;
+    let cg = TestCgroup::new(None);
+    let mut agent = TestAgent::start(vec![cg.replica(Mode::Http)]).await;
+    let (server, port) = python(&cg);
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut get = |id: &str| {
+        let (status, _) = tokio::task::block_in_place(|| http_get(&mut conn, "/?ms=2", id));
+        assert_eq!(status, 200);
+        logged(&server)
+    };
+    get("attached");
+    assert_eq!(
+        agent
+            .next_event(Duration::from_secs(5))
+            .await
+            .call_id
+            .as_deref(),
+        Some("attached")
+    );
+    // The agent's run loop handles the signals (this process is the agent here).
+    raise(Signal::SIGUSR1).expect("SIGUSR1");
+    programs_attached(&agent, 0).await;
+    get("paused-1");
+    get("paused-2");
+    let none = agent.collect(1, Duration::from_millis(500)).await;
+    assert!(none.is_empty(), "metered while detached: {none:?}");
+    raise(Signal::SIGUSR2).expect("SIGUSR2");
+    programs_attached(&agent, 1).await;
+    let (_, t0, t1) = get("resumed");
+    let ev = agent.next_event(Duration::from_secs(5)).await;
+    assert_eq!(ev.call_id.as_deref(), Some("resumed"));
+    assert_duration("resumed", ev.duration_ns, t1 - t0);
     agent.stop().await;
 }

@@ -19,7 +19,9 @@
 //! a change on a noisy machine against its baseline measured in the same minutes.
 //! Besides the medians, each arm's median over the rounds of its run's requests/s divided by
 //! the same round's detached run's (paired, so a VM whose speed drifts over minutes weighs
-//! less); `TALLY_BENCH_AGENT_ARMS=ratio` runs only the arms that ratio needs.
+//! less); `TALLY_BENCH_AGENT_ARMS=ratio` runs only the arms that ratio needs, and
+//! `TALLY_BENCH_AGENT_ARMS=toggle` measures instead by switching one agent off and on every
+//! `--seconds` within one wrk run (`bench_toggle`), for `--rounds` pairs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,6 +65,18 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     let target = deploy_tiny(&http, &url, &auth)?;
     // Warm up the gateway's pool and the function.
     wrk::run(&target, 2, connections)?;
+    if std::env::var("TALLY_BENCH_AGENT_ARMS").is_ok_and(|v| v == "toggle") {
+        return crate::bench_toggle::run(
+            &bin,
+            &data,
+            &url,
+            &target,
+            gateway_pid,
+            seconds,
+            rounds,
+            connections,
+        );
+    }
 
     // Arm 0: no agent; 1: the agent with its defaults; 2: the agent with the kernel's
     // bpf_stats on, for the programs' run time (stats cost every program run two clock
@@ -350,6 +364,10 @@ impl Agent {
         Ok(agent)
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     fn text(&self) -> Result<String> {
         Ok(ureq::get(&self.metrics)
             .call()?
@@ -357,7 +375,7 @@ impl Agent {
             .read_to_string()?)
     }
 
-    fn metric(&self, name: &str) -> Result<f64> {
+    pub(crate) fn metric(&self, name: &str) -> Result<f64> {
         let text = self.text()?;
         Ok(text
             .lines()

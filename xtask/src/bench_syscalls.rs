@@ -1,9 +1,11 @@
-//! `cargo xtask bench syscalls`: what the node agent's syscall hooks cost a process the
+//! `cargo xtask bench syscalls`: what the node agent's kernel hooks cost a process the
 //! agent does not watch, per syscall, without the gateway (more repeatable than wrk).
 //!
-//! The agent's raw-tracepoint program (`raw_syscalls:sys_exit`) runs at the exit of every
-//! syscall of the node and returns early for unwatched processes; this measures that early
-//! return (and the kernel's syscall-tracing slow path it switches on) from the outside. This process (in no watched cgroup) times a loop of
+//! The agent's socket programs (raw tracepoints `sock_recv_length`/`sock_send_length`) run
+//! at every socket read and write of the node and return early for unwatched processes; an
+//! agent that hooks syscalls (a `TALLY_BENCH_AGENT_BASELINE` build from before 02fbee9) also
+//! switches on the kernel's syscall-tracing slow path for every syscall. This measures both
+//! from the outside. This process (in no watched cgroup) times a loop of
 //! `LOOPS` × (write 100 B + read 100 B on a UNIX socketpair) — syscalls the programs look
 //! at — and `LOOPS` × `getppid` — one they do not —, best of `REPS` runs, with the agent
 //! detached and attached (told of no replica: its replica list comes from an address nothing

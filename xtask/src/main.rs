@@ -7,6 +7,7 @@ mod bench_billing;
 mod bench_fork;
 mod bench_ingest;
 mod bench_syscalls;
+mod bench_toggle;
 mod ebpf;
 mod setup;
 mod stack;
