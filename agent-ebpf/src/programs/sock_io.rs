@@ -79,15 +79,25 @@ pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
     0
 }
 
-/// `sock_send_length(struct sock *sk, int ret, int flags)`.
+/// `sock_send_length(struct sock *sk, int ret, int flags)`. A write matters only on a
+/// connection with an exchange open, which a read of the replica opened (with the cgroup
+/// check): so the socket is looked up first, and the registers are read only for a write
+/// that belongs to a response (no cgroup lookup on this path).
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn tally_sock_send(ctx: RawTracePointContext) -> u32 {
     let ret = int_arg(&ctx, 1);
-    if ret <= 0 {
+    if ret <= 0 || !tgids::marked((bpf_get_current_pid_tgid() >> 32) as u32) {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
-    let Some((_, _, r)) = replica_io() else {
+    let Some(c) = CONNS.get_ptr_mut(sk) else {
+        return 0;
+    };
+    // SAFETY: `c` points into CONNS.
+    if unsafe { (*c).state } == conn::IDLE {
+        return 0; // no exchange open: a write outside any response
+    }
+    let Some(r) = regs::current() else {
         return 0;
     };
     let vectored = match r.orig_ax {
@@ -95,7 +105,7 @@ pub fn tally_sock_send(ctx: RawTracePointContext) -> u32 {
         nr::WRITEV => 1,
         _ => return 0,
     };
-    sock_write::exit(&ctx, sk, r.si, vectored, ret);
+    sock_write::exit(&ctx, c, r.si, vectored, ret);
     0
 }
 

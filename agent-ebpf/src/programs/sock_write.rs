@@ -3,22 +3,21 @@
 
 use aya_ebpf::{EbpfContext, helpers::bpf_probe_read_user};
 
-use super::{CONNS, http};
+use agent_common::HttpRecord;
+
+use super::http;
 
 /// iovecs walked to find where a writev's bytes end.
 const MAX_IOV: usize = 16;
 
-/// Accounts the `ret` bytes a write of `buf` (an iovec array when `vectored`) sent on
-/// socket `sk`, if it is a connection with an exchange.
+/// Accounts the `ret` bytes a write of `buf` (an iovec array when `vectored`) sent on the
+/// connection `c` (its CONNS entry).
 #[inline(always)]
-pub fn exit<C: EbpfContext>(ctx: &C, sk: u64, buf: u64, vectored: u8, ret: i64) {
+pub fn exit<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, buf: u64, vectored: u8, ret: i64) {
     if ret <= 0 {
         return;
     }
     let written = ret as u64;
-    let Some(c) = CONNS.get_ptr_mut(sk) else {
-        return;
-    };
     if vectored == 0 {
         let tail = if written >= 5 { buf + written - 5 } else { 0 };
         http::on_write(ctx, c, buf, written, written, tail);
