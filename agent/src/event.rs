@@ -1,6 +1,8 @@
 //! The usage event: one per invocation, measured in the kernel, as the gateway ingests it
 //! (`POST /system/usage`, a JSON array of these).
 
+use std::{borrow::Cow, sync::Arc};
+
 use serde::{Deserialize, Serialize};
 
 /// One invocation of one function replica.
@@ -14,9 +16,11 @@ pub struct UsageEvent {
     /// `X-Call-Id` of the request (http) or `Http_X_Call_Id` of the process (fork); `None`
     /// when the invocation carried none.
     pub call_id: Option<String>,
-    pub namespace: String,
-    pub function_name: String,
-    pub replica: String,
+    /// The names are shared with the replica's entry in the joiner: an event costs no copy
+    /// of them.
+    pub namespace: Arc<str>,
+    pub function_name: Arc<str>,
+    pub replica: Arc<str>,
     /// When the request's first bytes reached the function (http) or the process exec'd
     /// (fork): RFC 3339 with nanoseconds.
     pub started: String,
@@ -33,8 +37,11 @@ pub struct UsageEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     /// Always `"kernel"`; the gateway's own events say `"gateway"`.
-    pub source: String,
+    pub source: Cow<'static, str>,
 }
+
+/// [`UsageEvent::source`] of every event the agent makes.
+pub const SOURCE: Cow<'static, str> = Cow::Borrowed("kernel");
 
 /// A fresh event id: a random (v4) UUID.
 pub fn new_id() -> String {

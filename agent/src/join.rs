@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,9 +15,9 @@ use crate::{event::UsageEvent, records};
 /// What the joiner needs to know about a watched cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaInfo {
-    pub namespace: String,
-    pub function: String,
-    pub replica: String,
+    pub namespace: Arc<str>,
+    pub function: Arc<str>,
+    pub replica: Arc<str>,
     pub memory_limit_bytes: Option<u64>,
 }
 
@@ -128,9 +129,9 @@ impl Joiner {
         Ok(UsageEvent {
             id: crate::event::new_id(),
             call_id,
-            namespace: info.namespace,
-            function_name: info.function,
-            replica: info.replica,
+            namespace: info.namespace.clone(),
+            function_name: info.function.clone(),
+            replica: info.replica.clone(),
             started: self.rfc3339(r.start_ns),
             duration_ns: r.end_ns.saturating_sub(r.start_ns),
             status_code: records::fork_status(r.exit_code),
@@ -138,7 +139,7 @@ impl Joiner {
             memory_limit_bytes: info.memory_limit_bytes,
             cpu_ns: (self.cpu_time && cpu > 0).then_some(cpu),
             exit_code: Some(r.exit_code),
-            source: "kernel".into(),
+            source: crate::event::SOURCE,
         })
     }
 
@@ -146,15 +147,14 @@ impl Joiner {
     pub fn http(&mut self, r: &HttpRecord) -> Result<UsageEvent, Skip> {
         let info = self
             .replica(r.cgroup_id)
-            .cloned()
             .ok_or(Skip::UnknownCgroup(r.cgroup_id))?;
         let head_len = (r.head_len as usize).min(r.head.len());
         Ok(UsageEvent {
             id: crate::event::new_id(),
             call_id: records::call_id_from_head(&r.head[..head_len]),
-            namespace: info.namespace,
-            function_name: info.function,
-            replica: info.replica,
+            namespace: info.namespace.clone(),
+            function_name: info.function.clone(),
+            replica: info.replica.clone(),
             started: self.rfc3339(r.request_ns),
             duration_ns: r.end_ns.saturating_sub(r.request_ns),
             status_code: r.status,
@@ -162,7 +162,7 @@ impl Joiner {
             memory_limit_bytes: info.memory_limit_bytes,
             cpu_ns: None,
             exit_code: None,
-            source: "kernel".into(),
+            source: crate::event::SOURCE,
         })
     }
 }
@@ -265,6 +265,6 @@ mod tests {
         let ev = j
             .process(&proc_record(0, "late", 1, 1))
             .expect("late record");
-        assert_eq!(ev.replica, "f-0");
+        assert_eq!(&*ev.replica, "f-0");
     }
 }

@@ -7,6 +7,7 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -35,8 +36,8 @@ struct FunctionDir {
     path: PathBuf,
     /// The v1 memory controller's directory of the function, if the node has one.
     memory_path: Option<PathBuf>,
-    namespace: String,
-    function: String,
+    namespace: Arc<str>,
+    function: Arc<str>,
     mode: Mode,
 }
 
@@ -117,8 +118,8 @@ impl ReplicaMaps {
                             .as_deref()
                             .and_then(Path::parent)
                             .map(Into::into),
-                        namespace: r.namespace.clone(),
-                        function: r.function.clone(),
+                        namespace: r.namespace.as_str().into(),
+                        function: r.function.as_str().into(),
                         mode: r.mode,
                     },
                 );
@@ -129,9 +130,9 @@ impl ReplicaMaps {
             joiner.watch(
                 id,
                 ReplicaInfo {
-                    namespace: r.namespace,
-                    function: r.function,
-                    replica: r.replica,
+                    namespace: r.namespace.into(),
+                    function: r.function.into(),
+                    replica: r.replica.into(),
                     memory_limit_bytes: limit,
                 },
             );
@@ -239,7 +240,7 @@ impl ReplicaMaps {
             ReplicaInfo {
                 namespace: dir.namespace.clone(),
                 function: dir.function.clone(),
-                replica: name.clone(),
+                replica: name.as_str().into(),
                 memory_limit_bytes: cgroup::memory_limit(&path, memory_path.as_deref()),
             },
         );

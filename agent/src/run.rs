@@ -200,7 +200,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
 /// no label hashing and no lock (`with_label_values` does both, twice per event).
 #[derive(Default)]
 struct FunctionMetrics {
-    known: Vec<(String, String, Histogram, Gauge)>,
+    known: Vec<(Arc<str>, Arc<str>, Histogram, Gauge)>,
 }
 
 /// Functions whose handles are kept; past it the list starts over (deleted functions'
@@ -219,7 +219,7 @@ impl FunctionMetrics {
                 if self.known.len() >= FUNCTION_METRICS_MAX {
                     self.known.clear();
                 }
-                let labels = [ev.namespace.as_str(), ev.function_name.as_str()];
+                let labels = [&*ev.namespace, &*ev.function_name];
                 self.known.push((
                     ev.namespace.clone(),
                     ev.function_name.clone(),

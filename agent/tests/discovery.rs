@@ -83,11 +83,7 @@ async fn a_new_replica_is_metered_from_its_first_request() {
     let ev = agent.next_event(Duration::from_secs(5)).await;
     assert_eq!(ev.call_id.as_deref(), Some("first-web"), "{ev:?}");
     assert_eq!(
-        (
-            ev.namespace.as_str(),
-            ev.function_name.as_str(),
-            ev.replica.as_str()
-        ),
+        (&*ev.namespace, &*ev.function_name, &*ev.replica),
         ("ns", "web", "web-1")
     );
     assert_eq!(ev.status_code, 200);
@@ -105,10 +101,7 @@ async fn a_new_replica_is_metered_from_its_first_request() {
     assert!(out.status.success());
     let ev = agent.next_event(Duration::from_secs(5)).await;
     assert_eq!(ev.call_id.as_deref(), Some("first-cmd"), "{ev:?}");
-    assert_eq!(
-        (ev.function_name.as_str(), ev.replica.as_str()),
-        ("cmd", "cmd-1")
-    );
+    assert_eq!((&*ev.function_name, &*ev.replica), ("cmd", "cmd-1"));
     assert!(ev.duration_ns >= 5_000_000, "{ev:?}");
 
     // Several polls later the unlisted replicas are still watched (within the grace).
@@ -117,7 +110,7 @@ async fn a_new_replica_is_metered_from_its_first_request() {
     assert_eq!(status, 200);
     let ev = agent.next_event(Duration::from_secs(5)).await;
     assert_eq!(
-        (ev.call_id.as_deref(), ev.replica.as_str()),
+        (ev.call_id.as_deref(), &*ev.replica),
         (Some("second-web"), "web-1")
     );
     let text = agent.metrics.render();

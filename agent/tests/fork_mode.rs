@@ -65,7 +65,7 @@ async fn fork_duration_memory_exit_code_and_call_id() {
             ev.cpu_ns
         );
         assert_eq!(ev.call_id.as_deref(), Some(call_id.as_str()));
-        assert_eq!(ev.function_name, cg.name);
+        assert_eq!(&*ev.function_name, cg.name);
         assert_eq!(ev.source, "kernel");
         assert_eq!(ev.exit_code, Some(code));
         assert_eq!(ev.status_code, if code == 0 { 200 } else { 500 });
