@@ -72,6 +72,7 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
             &url,
             &target,
             gateway_pid,
+            &cgroup_parent,
             seconds,
             rounds,
             connections,
@@ -124,8 +125,6 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
         }
     }
     let arms = arms;
-    /// An address nothing listens on: the unwatched arm's agent learns no replica.
-    const NOWHERE: &str = "http://127.0.0.1:9";
     let n = arms.len();
     let mut runs: Vec<Vec<Wrk>> = (0..n).map(|_| Vec::new()).collect();
     let mut kernel: Vec<Vec<KernelCost>> = (0..n).map(|_| Vec::new()).collect();
@@ -328,6 +327,9 @@ impl KernelCost {
 
 /// The release agent beside the gateway, with its own spool and /metrics port; SIGTERM
 /// and wait on drop (its programs detach when it exits). Also `bench syscalls`'s agent.
+/// An address nothing listens on: an agent given it as its gateway learns no replica.
+pub(crate) const NOWHERE: &str = "http://127.0.0.1:9";
+
 pub(crate) struct Agent {
     child: Guard,
     metrics: String,
@@ -381,7 +383,8 @@ impl Agent {
             .lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+            // An f64 sum starts at -0.0: no series reads as 0, not "-0".
+            .fold(0.0, |a, b| a + b))
     }
 
     fn bpf(&self) -> Result<Bpf> {

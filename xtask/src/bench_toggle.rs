@@ -9,6 +9,8 @@
 //! slice's requests/s; each attached slice is compared with the mean of the two detached
 //! slices around it, and the median of those ratios is reported with its spread. CPU per
 //! request of the gateway and the agent is summed per state over all slices.
+//! `TALLY_BENCH_AGENT_BASELINE=PATH` toggles that agent binary instead of this tree's;
+//! `TALLY_BENCH_AGENT_UNWATCHED=1` gives the agent no replica to watch (the hooks alone).
 
 use std::path::Path;
 use std::thread;
@@ -22,11 +24,88 @@ use crate::bench::{cpu_ticks, median, per_request_us};
 use crate::bench_agent::Agent;
 use crate::wrk;
 
-/// Time for a toggle to take effect (the agent handles the signal, detaches or attaches,
-/// and drains what the last slice left in its ring) before a slice is counted.
-const TOGGLE_SETTLE: Duration = Duration::from_millis(100);
+/// Time after a toggle before its slice is counted (`TALLY_BENCH_AGENT_SETTLE_MS`, default
+/// 1000): the agent handles the signal and attaches or detaches, and the node gets over the
+/// switch itself. On our VMs every process ran slower for a while after each switch (the
+/// cause is not established; an attach or detach patches the tracepoints' call sites in
+/// kernel text): with 100 ms of settling and 1 s slices, an agent watching no replica (its
+/// hooks return at once) measured 79–80% attached over detached, with 1 s of settling
+/// 100.1% (2026-11-23 17:10–17:18 UTC).
+fn settle() -> Duration {
+    Duration::from_millis(
+        std::env::var("TALLY_BENCH_AGENT_SETTLE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000),
+    )
+}
 /// Time for a fresh agent to learn the replica (it polls every second).
 const WATCH_SETTLE: Duration = Duration::from_millis(2_000);
+
+/// CPU time of everything in the function's cgroup (its replicas), in ns, where the host
+/// has the v1 `cpuacct` controller; 0 elsewhere.
+fn function_cpu_ns(cgroup_parent: &str) -> u64 {
+    std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/cpuacct/{cgroup_parent}/cpuacct.usage"
+    ))
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
+}
+
+/// The node's idle and steal time so far (`/proc/stat`, clock ticks summed over the CPUs).
+fn idle_steal_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Ok((
+        f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0),
+        f.get(7).copied().unwrap_or(0),
+    ))
+}
+
+/// Interrupts of the kinds a program or its consumer can cause, summed over the CPUs:
+/// IRQ work (ring-buffer wakeups), rescheduling, function-call and TLB-shootdown IPIs.
+const INTERRUPTS: [&str; 4] = ["IWI", "RES", "CAL", "TLB"];
+
+fn interrupts() -> Result<[u64; 4]> {
+    let text = std::fs::read_to_string("/proc/interrupts")?;
+    let mut out = [0u64; 4];
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let Some(name) = f.next().and_then(|n| n.strip_suffix(':')) else {
+            continue;
+        };
+        if let Some(i) = INTERRUPTS.iter().position(|k| *k == name) {
+            out[i] = f.map_while(|x| x.parse::<u64>().ok()).sum();
+        }
+    }
+    Ok(out)
+}
+
+/// The load generator's pid (the process named `wrk`), once it runs.
+fn wrk_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "wrk").then_some(pid)
+    })
+}
+
+/// Minor page faults of a process so far (`/proc/PID/stat` field 10).
+fn minflt(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+    Ok(rest
+        .split_whitespace()
+        .nth(7)
+        .context("short /proc/PID/stat")?
+        .parse()?)
+}
 
 /// The gateway's `gateway_function_invocation_total`, summed over its series.
 fn served(http: &ureq::Agent, metrics: &str) -> Result<f64> {
@@ -46,6 +125,15 @@ struct Slice {
     requests: f64,
     gateway_ticks: u64,
     agent_ticks: u64,
+    wrk_ticks: u64,
+    function_ns: u64,
+    /// Usage events the agent delivered to the gateway during the slice.
+    sent: f64,
+    idle_ticks: u64,
+    steal_ticks: u64,
+    interrupts: [u64; 4],
+    /// Minor page faults of the gateway and of the agent.
+    faults: (u64, u64),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -55,25 +143,43 @@ pub fn run(
     url: &str,
     target: &str,
     gateway_pid: u32,
+    cgroup_parent: &str,
     seconds: u32,
     pairs: usize,
     connections: u32,
 ) -> Result<()> {
     let http = crate::bench::agent();
     let metrics = format!("{url}/metrics");
-    let agent = Agent::start(&bin.join("agent"), url, data, &[])?;
+    // With TALLY_BENCH_AGENT_BASELINE=PATH that agent binary is the one toggled (to set this
+    // tree's figures beside a baseline's, run by run).
+    let program = std::env::var_os("TALLY_BENCH_AGENT_BASELINE")
+        .map_or_else(|| bin.join("agent"), std::path::PathBuf::from);
+    eprintln!("toggling {}", program.display());
+    // With TALLY_BENCH_AGENT_UNWATCHED=1 the agent learns no replica (its workload source is
+    // an address nothing listens on): the hooks' cost alone is toggled, no event is made.
+    let unwatched = std::env::var("TALLY_BENCH_AGENT_UNWATCHED").is_ok_and(|v| v == "1");
+    let source = if unwatched {
+        crate::bench_agent::NOWHERE
+    } else {
+        url
+    };
+    let agent = Agent::start(&program, source, data, &[])?;
     thread::sleep(WATCH_SETTLE);
     let agent_pid = agent.pid();
     let slices = 2 * pairs + 1;
     let slice = Duration::from_secs(seconds.into());
     // wrk outlasts the slices: 1 s of ramp-up before, the toggles' settling, a margin after.
-    let total = (slices as u32) * seconds + (slices as u32).div_ceil(5) + 3;
+    let settle = settle();
+    let total = (slices as u32) * seconds
+        + ((slices as u32) * settle.as_millis() as u32).div_ceil(1000)
+        + 3;
     let load = {
         let target = target.to_owned();
         thread::spawn(move || wrk::run(&target, total, connections))
     };
     thread::sleep(Duration::from_secs(1));
     let m0 = agent.metric("tally_agent_invocation_duration_seconds_count")?;
+    let wrk = wrk_pid().context("wrk is not running")?;
     let mut out: Vec<Slice> = Vec::with_capacity(slices);
     for i in 0..slices {
         let attached = i % 2 == 1;
@@ -83,32 +189,72 @@ pub fn run(
             Signal::SIGUSR1
         };
         kill(Pid::from_raw(agent_pid as i32), signal).context("signalling the agent")?;
-        thread::sleep(TOGGLE_SETTLE);
-        let (c0, g0, a0, t0) = (
+        thread::sleep(settle);
+        let sent = "tally_agent_events_sent_total";
+        let (c0, g0, a0, f0, e0, (i0, s0), t0) = (
             served(&http, &metrics)?,
             cpu_ticks(gateway_pid)?,
             cpu_ticks(agent_pid)?,
+            function_cpu_ns(cgroup_parent),
+            agent.metric(sent)?,
+            idle_steal_ticks()?,
             Instant::now(),
         );
+        let (n0, gf0, af0, w0) = (
+            interrupts()?,
+            minflt(gateway_pid)?,
+            minflt(agent_pid)?,
+            cpu_ticks(wrk)?,
+        );
         thread::sleep(slice);
-        let (c1, g1, a1) = (
+        let (c1, g1, a1, f1, e1, (i1, s1)) = (
             served(&http, &metrics)?,
             cpu_ticks(gateway_pid)?,
             cpu_ticks(agent_pid)?,
+            function_cpu_ns(cgroup_parent),
+            agent.metric(sent)?,
+            idle_steal_ticks()?,
         );
-        out.push(Slice {
+        let (n1, gf1, af1, w1) = (
+            interrupts()?,
+            minflt(gateway_pid)?,
+            minflt(agent_pid)?,
+            cpu_ticks(wrk)?,
+        );
+        let s = Slice {
             attached,
             rps: (c1 - c0) / t0.elapsed().as_secs_f64(),
             requests: c1 - c0,
             gateway_ticks: g1 - g0,
             agent_ticks: a1 - a0,
-        });
+            wrk_ticks: w1 - w0,
+            function_ns: f1.saturating_sub(f0),
+            sent: e1 - e0,
+            idle_ticks: i1 - i0,
+            steal_ticks: s1 - s0,
+            interrupts: std::array::from_fn(|k| n1[k] - n0[k]),
+            faults: (gf1 - gf0, af1 - af0),
+        };
+        // Per slice: what a low slice spent its time on (CPU per request of each process,
+        // the node's idle and steal time, the agent's deliveries).
         eprintln!(
-            "slice {}/{slices} ({}): {:.0} requests/s",
+            "slice {}/{slices} ({}): {:.0} requests/s; µs per request: gateway {:.1}, agent {:.1}, function {:.1}, wrk {:.1}; idle {} ticks, steal {} ticks; {:.0} events delivered; interrupts {:?} {:?}; minor faults gateway {}, agent {}",
             i + 1,
             if attached { "attached" } else { "detached" },
-            (c1 - c0) / t0.elapsed().as_secs_f64()
+            s.rps,
+            per_request_us(s.gateway_ticks, s.requests as u64),
+            per_request_us(s.agent_ticks, s.requests as u64),
+            s.function_ns as f64 / 1e3 / s.requests.max(1.0),
+            per_request_us(s.wrk_ticks, s.requests as u64),
+            s.idle_ticks,
+            s.steal_ticks,
+            s.sent,
+            INTERRUPTS,
+            s.interrupts,
+            s.faults.0,
+            s.faults.1,
         );
+        out.push(s);
     }
     kill(Pid::from_raw(agent_pid as i32), Signal::SIGUSR2).context("signalling the agent")?;
     let w = load
@@ -144,6 +290,11 @@ pub fn run(
         let requests: f64 = state(attached).map(|s| s.requests).sum();
         per_request_us(ticks, requests as u64)
     };
+    let function = |attached: bool| {
+        let ns: u64 = state(attached).map(|s| s.function_ns).sum();
+        let requests: f64 = state(attached).map(|s| s.requests).sum();
+        ns as f64 / 1e3 / requests.max(1.0)
+    };
     let served_attached: f64 = state(true).map(|s| s.requests).sum();
     println!(
         "| hello-rust through the gateway (one wrk run, {connections} connections; the agent's programs detached and attached every {seconds} s, {pairs} pairs) | detached | attached |"
@@ -164,12 +315,31 @@ pub fn run(
         cpu(false, true),
         cpu(true, true)
     );
-    println!();
+    let wrk_us = |attached: bool| {
+        let ticks: u64 = state(attached).map(|s| s.wrk_ticks).sum();
+        let requests: f64 = state(attached).map(|s| s.requests).sum();
+        per_request_us(ticks, requests as u64)
+    };
     println!(
-        "**attached / detached, each attached slice over the mean of its two detached neighbours: median {:.1}% (min–max {:.1}–{:.1}%, {pairs} pairs)**",
+        "| CPU per request, wrk (the load generator) | {:.1} µs | {:.1} µs |",
+        wrk_us(false),
+        wrk_us(true)
+    );
+    println!(
+        "| CPU per request, function (its cgroup's cpuacct) | {:.1} µs | {:.1} µs |",
+        function(false),
+        function(true)
+    );
+    println!();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let state_mean = |attached: bool| mean(&state(attached).map(|s| s.rps).collect::<Vec<_>>());
+    println!(
+        "**attached / detached, each attached slice over the mean of its two detached neighbours: median {:.1}%, mean {:.1}% (min–max {:.1}–{:.1}%, {pairs} pairs)**; mean attached slice over mean detached slice: {:.1}%",
         100.0 * mid,
+        100.0 * mean(&ratios),
         100.0 * lo,
-        100.0 * hi
+        100.0 * hi,
+        100.0 * state_mean(true) / state_mean(false),
     );
     println!(
         "events metered over the whole run: {metered:.0} (attached also during wrk's first second, the toggles' settling and wrk's tail after the last slice); requests in attached slices: {served_attached:.0}; {dropped:.0} dropped; wrk: {} requests, p50 {:.2} ms, p99 {:.2} ms",
