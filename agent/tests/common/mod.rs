@@ -224,38 +224,18 @@ impl Drop for Proc {
 
 /// Compiles a C fixture (static, optimised) once per test process.
 pub fn fixture_c(name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(format!("{name}.c"));
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-    fs::create_dir_all(&out_dir).expect("fixture dir");
-    let out = out_dir.join(name);
-    let status = Command::new("cc")
-        .args(["-O2", "-static", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("run cc");
-    assert!(status.success(), "compiling fixture {name} failed");
-    out
+    build_fixture(name, "c", |src, out| {
+        let mut c = Command::new("cc");
+        c.args(["-O2", "-static", "-o"]).arg(out).arg(src);
+        c
+    })
 }
 
 /// Compiles a std-only Rust fixture once per test process (static, optimised).
 pub fn fixture_binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<Vec<(String, PathBuf)>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Mutex::default);
-    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
-        return p.clone();
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(format!("{name}.rs"));
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-    fs::create_dir_all(&out_dir).expect("fixture dir");
-    let out = out_dir.join(name);
-    let status = Command::new("rustc")
-        .args([
+    build_fixture(name, "rs", |src, out| {
+        let mut c = Command::new("rustc");
+        c.args([
             "--edition",
             "2021",
             "-O",
@@ -263,11 +243,30 @@ pub fn fixture_binary(name: &str) -> PathBuf {
             "target-feature=+crt-static",
             "-o",
         ])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("run rustc");
+        .arg(out)
+        .arg(src);
+        c
+    })
+}
+
+/// Builds `tests/fixtures/<name>.<ext>` with `compiler(src, out)` once per test process, into
+/// a file of this process's own that is then renamed into place: a binary another test
+/// process is executing is never rewritten under it (exec would fail with ETXTBSY).
+fn build_fixture(name: &str, ext: &str, compiler: impl Fn(&Path, &Path) -> Command) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<(String, PathBuf)>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Mutex::default);
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let src = fixture_path(&format!("{name}.{ext}"));
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    fs::create_dir_all(&out_dir).expect("fixture dir");
+    let out = out_dir.join(name);
+    let tmp = out_dir.join(format!("{name}.{}.tmp", std::process::id()));
+    let status = compiler(&src, &tmp).status().expect("run the compiler");
     assert!(status.success(), "compiling fixture {name} failed");
+    fs::rename(&tmp, &out).expect("install the fixture");
     built.push((name.into(), out.clone()));
     out
 }
@@ -364,6 +363,30 @@ impl TestAgent {
             t.await.expect("agent task").expect("agent run");
         }
     }
+}
+
+/// Ticks of time the hypervisor stole from every CPU so far (`/proc/stat`).
+pub fn steal_ticks() -> u64 {
+    fs::read_to_string("/proc/stat")
+        .expect("read /proc/stat")
+        .lines()
+        .next()
+        .and_then(|cpu| cpu.split_whitespace().nth(8))
+        .and_then(|v| v.parse().ok())
+        .expect("steal column in /proc/stat")
+}
+
+/// Time stolen from every CPU since `steal_ticks()` read `since`, in ns, rounded up: steal
+/// moves in whole ticks, so a run that saw any is granted one more tick per CPU.
+pub fn stolen_since(since: u64) -> u64 {
+    let ticks = steal_ticks().saturating_sub(since);
+    if ticks == 0 {
+        return 0;
+    }
+    // SAFETY: sysconf reads a constant and has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    (ticks + cpus) * (1_000_000_000 / hz)
 }
 
 /// Fails unless `got` is within `max(200 µs, 1 %)` of `want` (ns).
