@@ -324,36 +324,39 @@ async fn ingest_usage(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
     let bytes = read_limited(req.into_body(), 16 << 20, gw.config.read_timeout).await?;
-    // The whole batch in one pass when every event reads (the agent's batches); otherwise
-    // each event on its own, so one unreadable event is refused and named without
-    // refusing the rest of its batch.
-    let events: Vec<Result<crate::metering::UsageEvent, String>> =
-        // (UTF-8 checked once for the whole body, not string by string.)
-        match std::str::from_utf8(&bytes)
-            .ok()
-            .and_then(|text| serde_json::from_str::<Vec<crate::metering::UsageEvent>>(text).ok())
-        {
-            Some(events) => events.into_iter().map(Ok).collect(),
-            None => parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?
-                .into_iter()
-                .map(|raw| {
-                    parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
-                        .map_err(|e| e.to_string())
-                })
-                .collect(),
-        };
     let mut rejected = Vec::new();
-    let mut accepted = Vec::with_capacity(events.len());
-    for (i, parsed) in events.into_iter().enumerate() {
-        // An event that reads can still be absurd (a duration of a year, say).
-        match parsed.and_then(|e| e.problem().map_or(Ok(e), Err)) {
-            Ok(e) => accepted.push(e),
-            Err(why) => {
-                tracing::warn!(index = i, "usage event refused: {why}");
-                rejected.push(serde_json::json!({"index": i, "error": why}));
-            }
+    let mut refuse = |i: usize, why: String| {
+        tracing::warn!(index = i, "usage event refused: {why}");
+        rejected.push(serde_json::json!({"index": i, "error": why}));
+    };
+    // The whole batch in one pass when every event reads (the agent's batches), checked in
+    // place; otherwise each event on its own, so one unreadable event is refused and named
+    // without refusing the rest of its batch.
+    let accepted = match crate::metering::ingest::parse_batch(&bytes) {
+        Some(mut events) => {
+            // An event that reads can still be absurd (a duration of a year, say).
+            let mut i = 0;
+            events.retain(|e| {
+                i += 1;
+                e.problem().map(|why| refuse(i - 1, why)).is_none()
+            });
+            events
         }
-    }
+        None => {
+            let raws = parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?;
+            let mut accepted = Vec::with_capacity(raws.len());
+            for (i, raw) in raws.iter().enumerate() {
+                match parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
+                    .map_err(|e| e.to_string())
+                    .and_then(|e| e.problem().map_or(Ok(e), Err))
+                {
+                    Ok(e) => accepted.push(e),
+                    Err(why) => refuse(i, why),
+                }
+            }
+            accepted
+        }
+    };
     gw.metrics.usage_rejected.inc_by(rejected.len() as u64);
     gw.metrics
         .usage_events

@@ -2,6 +2,7 @@
 //! ingested over `POST /system/usage`, validated, counted and kept (bounded) for queries.
 //! (The signed-webhook pipeline to billing builds on this.)
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -37,7 +38,27 @@ pub struct UsageEvent {
     pub cpu_ns: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-    pub source: String,
+    /// `"kernel"` (anything else is refused): shared, not allocated per event.
+    #[serde(deserialize_with = "source")]
+    pub source: Cow<'static, str>,
+}
+
+/// Reads `source`, borrowing the one value ingested events carry.
+fn source<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D::Error> {
+    struct Source;
+    impl serde::de::Visitor<'_> for Source {
+        type Value = Cow<'static, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(match v {
+                "kernel" => Cow::Borrowed("kernel"),
+                other => Cow::Owned(other.to_owned()),
+            })
+        }
+    }
+    d.deserialize_str(Source)
 }
 
 impl UsageEvent {
@@ -80,6 +101,42 @@ impl UsageEvent {
         }
         None
     }
+}
+
+/// A batch of events in one pass, or `None` if the body is not UTF-8 or any event does not
+/// read. The vector is sized from the body's length up front (an agent's event is ≈ 350
+/// bytes of JSON; at most 10,000 reserved), so a batch is not moved through a series of
+/// ever larger vectors.
+pub fn parse_batch(body: &[u8]) -> Option<Vec<UsageEvent>> {
+    struct Batch(usize);
+    impl<'de> serde::de::DeserializeSeed<'de> for Batch {
+        type Value = Vec<UsageEvent>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de> serde::de::Visitor<'de> for Batch {
+        type Value = Vec<UsageEvent>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of usage events")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut events = Vec::with_capacity(self.0);
+            while let Some(e) = seq.next_element()? {
+                events.push(e);
+            }
+            Ok(events)
+        }
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let capacity = (text.len() / 350 + 1).min(10_000);
+    let events = serde::de::DeserializeSeed::deserialize(Batch(capacity), &mut de).ok()?;
+    de.end().ok()?;
+    Some(events)
 }
 
 /// The latest events, oldest dropped first.
@@ -141,6 +198,29 @@ mod tests {
         let mut e = event();
         e.source = "gateway".into();
         assert!(e.problem().is_some());
+        // Read from JSON too: any other source is kept as sent, to be named in the refusal.
+        let json = serde_json::to_string(&event())
+            .unwrap()
+            .replace("\"kernel\"", "\"gateway\"");
+        let e: UsageEvent = serde_json::from_str(&json).unwrap();
+        assert!(e.problem().unwrap().contains("\"gateway\""));
+    }
+
+    #[test]
+    fn a_batch_reads_in_one_pass_or_not_at_all() {
+        let one = serde_json::to_string(&event()).unwrap();
+        let batch = parse_batch(format!("[{one},{one},{one}]").as_bytes()).unwrap();
+        assert_eq!(batch, vec![event(), event(), event()]);
+        assert_eq!(batch[0].source, "kernel");
+        assert!(
+            matches!(batch[0].source, Cow::Borrowed(_)),
+            "no allocation for it"
+        );
+        assert_eq!(parse_batch(b"[]"), Some(vec![]));
+        assert_eq!(parse_batch(format!("[{one},{{\"x\":1}}]").as_bytes()), None);
+        assert_eq!(parse_batch(format!("[{one}] trailing").as_bytes()), None);
+        assert_eq!(parse_batch(b"{\"not\":\"a list\"}"), None);
+        assert_eq!(parse_batch(&[b'[', 0xff, b']']), None);
     }
 
     #[test]
