@@ -105,6 +105,10 @@ impl ReplicaMaps {
                     }
                 },
             };
+            // One copy of the names per replica, shared by its function's entry, the joiner's
+            // and every event.
+            let namespace: Arc<str> = r.namespace.into();
+            let function: Arc<str> = r.function.into();
             if let Some(dir) = r.cgroup_path.parent()
                 && let Ok(fid) = cgroup::cgroup_id(dir)
                 && fid != ROOT_CGROUP_ID
@@ -118,8 +122,8 @@ impl ReplicaMaps {
                             .as_deref()
                             .and_then(Path::parent)
                             .map(Into::into),
-                        namespace: r.namespace.as_str().into(),
-                        function: r.function.as_str().into(),
+                        namespace: namespace.clone(),
+                        function: function.clone(),
                         mode: r.mode,
                     },
                 );
@@ -130,8 +134,8 @@ impl ReplicaMaps {
             joiner.watch(
                 id,
                 ReplicaInfo {
-                    namespace: r.namespace.into(),
-                    function: r.function.into(),
+                    namespace,
+                    function,
                     replica: r.replica.into(),
                     memory_limit_bytes: limit,
                 },

@@ -578,13 +578,21 @@ fn run_metering(args: &Args) -> Result<()> {
 
 /// utime + stime of process `pid` so far, in clock ticks (1/100 s).
 pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
+    let [utime, stime] = stat_fields(pid, [11, 12])?;
+    Ok(utime + stime)
+}
+
+/// Numeric fields of `/proc/PID/stat`, counted from the first after the command name (which
+/// may hold spaces, in parentheses): 7 is minflt, 11 utime, 12 stime.
+pub(crate) fn stat_fields<const N: usize>(pid: u32, at: [usize; N]) -> Result<[u64; N]> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let field =
-        |i: usize| -> Result<u64> { Ok(f.get(i).context("short /proc/PID/stat")?.parse()?) };
-    Ok(field(11)? + field(12)?)
+    let mut out = [0; N];
+    for (o, i) in out.iter_mut().zip(at) {
+        *o = f.get(i).context("short /proc/PID/stat")?.parse()?;
+    }
+    Ok(out)
 }
 
 /// Clock ticks (10 ms each) spread over `requests`, in µs per request.

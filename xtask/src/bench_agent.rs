@@ -325,11 +325,11 @@ impl KernelCost {
     }
 }
 
-/// The release agent beside the gateway, with its own spool and /metrics port; SIGTERM
-/// and wait on drop (its programs detach when it exits). Also `bench syscalls`'s agent.
 /// An address nothing listens on: an agent given it as its gateway learns no replica.
 pub(crate) const NOWHERE: &str = "http://127.0.0.1:9";
 
+/// The release agent beside the gateway, with its own spool and /metrics port; SIGTERM
+/// and wait on drop (its programs detach when it exits). Also `bench syscalls`'s agent.
 pub(crate) struct Agent {
     child: Guard,
     metrics: String,

@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::bench::{cpu_ticks, median, per_request_us};
+use crate::bench::{median, per_request_us};
 use crate::bench_agent::Agent;
 use crate::wrk;
 
@@ -96,17 +96,6 @@ fn wrk_pid() -> Option<u32> {
     })
 }
 
-/// Minor page faults of a process so far (`/proc/PID/stat` field 10).
-fn minflt(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
-    Ok(rest
-        .split_whitespace()
-        .nth(7)
-        .context("short /proc/PID/stat")?
-        .parse()?)
-}
-
 /// The gateway's `gateway_function_invocation_total`, summed over its series.
 fn served(http: &ureq::Agent, metrics: &str) -> Result<f64> {
     let text = http.get(metrics).call()?.body_mut().read_to_string()?;
@@ -117,8 +106,49 @@ fn served(http: &ureq::Agent, metrics: &str) -> Result<f64> {
         .sum())
 }
 
-/// One slice: whether the programs were attached, its requests/s, and its CPU ticks
-/// (gateway, agent) and requests.
+/// Counters read at a slice's start and end.
+struct Sample {
+    at: Instant,
+    served: f64,
+    /// utime + stime ticks and minor faults of the gateway, the agent and wrk.
+    gateway: [u64; 2],
+    agent: [u64; 2],
+    wrk: [u64; 2],
+    function_ns: u64,
+    sent: f64,
+    idle_steal: (u64, u64),
+    interrupts: [u64; 4],
+}
+
+/// The processes and counters a slice is measured by.
+struct Probes<'a> {
+    http: &'a ureq::Agent,
+    metrics: &'a str,
+    agent: &'a Agent,
+    pids: [u32; 3],
+    cgroup_parent: &'a str,
+}
+
+impl Probes<'_> {
+    fn sample(&self) -> Result<Sample> {
+        let cpu_faults =
+            |pid| crate::bench::stat_fields(pid, [11, 12, 7]).map(|[u, s, f]| [u + s, f]);
+        Ok(Sample {
+            at: Instant::now(),
+            served: served(self.http, self.metrics)?,
+            gateway: cpu_faults(self.pids[0])?,
+            agent: cpu_faults(self.pids[1])?,
+            wrk: cpu_faults(self.pids[2])?,
+            function_ns: function_cpu_ns(self.cgroup_parent),
+            sent: self.agent.metric("tally_agent_events_sent_total")?,
+            idle_steal: idle_steal_ticks()?,
+            interrupts: interrupts()?,
+        })
+    }
+}
+
+/// One slice: whether the programs were attached, its requests/s, and what each process
+/// and the node spent over it.
 struct Slice {
     attached: bool,
     rps: f64,
@@ -134,6 +164,26 @@ struct Slice {
     interrupts: [u64; 4],
     /// Minor page faults of the gateway and of the agent.
     faults: (u64, u64),
+}
+
+impl Slice {
+    fn between(attached: bool, a: &Sample, b: &Sample) -> Self {
+        let requests = b.served - a.served;
+        Self {
+            attached,
+            rps: requests / (b.at - a.at).as_secs_f64(),
+            requests,
+            gateway_ticks: b.gateway[0] - a.gateway[0],
+            agent_ticks: b.agent[0] - a.agent[0],
+            wrk_ticks: b.wrk[0] - a.wrk[0],
+            function_ns: b.function_ns.saturating_sub(a.function_ns),
+            sent: b.sent - a.sent,
+            idle_ticks: b.idle_steal.0 - a.idle_steal.0,
+            steal_ticks: b.idle_steal.1 - a.idle_steal.1,
+            interrupts: std::array::from_fn(|k| b.interrupts[k] - a.interrupts[k]),
+            faults: (b.gateway[1] - a.gateway[1], b.agent[1] - a.agent[1]),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -179,7 +229,17 @@ pub fn run(
     };
     thread::sleep(Duration::from_secs(1));
     let m0 = agent.metric("tally_agent_invocation_duration_seconds_count")?;
-    let wrk = wrk_pid().context("wrk is not running")?;
+    let probes = Probes {
+        http: &http,
+        metrics: &metrics,
+        agent: &agent,
+        pids: [
+            gateway_pid,
+            agent_pid,
+            wrk_pid().context("wrk is not running")?,
+        ],
+        cgroup_parent,
+    };
     let mut out: Vec<Slice> = Vec::with_capacity(slices);
     for i in 0..slices {
         let attached = i % 2 == 1;
@@ -190,51 +250,9 @@ pub fn run(
         };
         kill(Pid::from_raw(agent_pid as i32), signal).context("signalling the agent")?;
         thread::sleep(settle);
-        let sent = "tally_agent_events_sent_total";
-        let (c0, g0, a0, f0, e0, (i0, s0), t0) = (
-            served(&http, &metrics)?,
-            cpu_ticks(gateway_pid)?,
-            cpu_ticks(agent_pid)?,
-            function_cpu_ns(cgroup_parent),
-            agent.metric(sent)?,
-            idle_steal_ticks()?,
-            Instant::now(),
-        );
-        let (n0, gf0, af0, w0) = (
-            interrupts()?,
-            minflt(gateway_pid)?,
-            minflt(agent_pid)?,
-            cpu_ticks(wrk)?,
-        );
+        let start = probes.sample()?;
         thread::sleep(slice);
-        let (c1, g1, a1, f1, e1, (i1, s1)) = (
-            served(&http, &metrics)?,
-            cpu_ticks(gateway_pid)?,
-            cpu_ticks(agent_pid)?,
-            function_cpu_ns(cgroup_parent),
-            agent.metric(sent)?,
-            idle_steal_ticks()?,
-        );
-        let (n1, gf1, af1, w1) = (
-            interrupts()?,
-            minflt(gateway_pid)?,
-            minflt(agent_pid)?,
-            cpu_ticks(wrk)?,
-        );
-        let s = Slice {
-            attached,
-            rps: (c1 - c0) / t0.elapsed().as_secs_f64(),
-            requests: c1 - c0,
-            gateway_ticks: g1 - g0,
-            agent_ticks: a1 - a0,
-            wrk_ticks: w1 - w0,
-            function_ns: f1.saturating_sub(f0),
-            sent: e1 - e0,
-            idle_ticks: i1 - i0,
-            steal_ticks: s1 - s0,
-            interrupts: std::array::from_fn(|k| n1[k] - n0[k]),
-            faults: (gf1 - gf0, af1 - af0),
-        };
+        let s = Slice::between(attached, &start, &probes.sample()?);
         // Per slice: what a low slice spent its time on (CPU per request of each process,
         // the node's idle and steal time, the agent's deliveries).
         eprintln!(
@@ -277,23 +295,29 @@ pub fn run(
     let mid = (ratios[(pairs - 1) / 2] + ratios[pairs / 2]) / 2.0;
     let state = |attached: bool| out.iter().filter(move |s| s.attached == attached);
     let rps = |attached: bool| median(&mut state(attached).map(|s| s.rps).collect::<Vec<_>>());
-    let cpu = |attached: bool, agent: bool| {
-        let ticks: u64 = state(attached)
-            .map(|s| {
-                if agent {
-                    s.agent_ticks
-                } else {
-                    s.gateway_ticks
-                }
-            })
-            .sum();
+    // A per-slice quantity summed over a state's slices, per request of those slices.
+    let per_request = |attached: bool, of: fn(&Slice) -> u64| {
+        let total: u64 = state(attached).map(of).sum();
         let requests: f64 = state(attached).map(|s| s.requests).sum();
-        per_request_us(ticks, requests as u64)
+        (total, requests as u64)
+    };
+    let ticks_us = |attached: bool, of: fn(&Slice) -> u64| {
+        let (ticks, requests) = per_request(attached, of);
+        per_request_us(ticks, requests)
+    };
+    let cpu = |attached: bool, agent: bool| {
+        ticks_us(
+            attached,
+            if agent {
+                |s| s.agent_ticks
+            } else {
+                |s| s.gateway_ticks
+            },
+        )
     };
     let function = |attached: bool| {
-        let ns: u64 = state(attached).map(|s| s.function_ns).sum();
-        let requests: f64 = state(attached).map(|s| s.requests).sum();
-        ns as f64 / 1e3 / requests.max(1.0)
+        let (ns, requests) = per_request(attached, |s| s.function_ns);
+        ns as f64 / 1e3 / requests.max(1) as f64
     };
     let served_attached: f64 = state(true).map(|s| s.requests).sum();
     println!(
@@ -315,11 +339,7 @@ pub fn run(
         cpu(false, true),
         cpu(true, true)
     );
-    let wrk_us = |attached: bool| {
-        let ticks: u64 = state(attached).map(|s| s.wrk_ticks).sum();
-        let requests: f64 = state(attached).map(|s| s.requests).sum();
-        per_request_us(ticks, requests as u64)
-    };
+    let wrk_us = |attached: bool| ticks_us(attached, |s| s.wrk_ticks);
     println!(
         "| CPU per request, wrk (the load generator) | {:.1} µs | {:.1} µs |",
         wrk_us(false),
