@@ -153,8 +153,8 @@ pub struct MeteringConfig {
     pub metering_buffer: usize,
 
     /// Flush when this many events are buffered (also the most events per JetStream
-    /// message, which holds at most 768 KiB)...
-    #[arg(long, env = "TALLY_METERING_FLUSH_EVENTS", default_value_t = 1000)]
+    /// message, which holds at most 1 MiB of JSON, 768 KiB once compressed)...
+    #[arg(long, env = "TALLY_METERING_FLUSH_EVENTS", default_value_t = 2000)]
     pub metering_flush_events: usize,
 
     /// ...or when this long passed since the first buffered event.
@@ -181,8 +181,8 @@ pub struct MeteringConfig {
     #[arg(long, env = "TALLY_EVENT_WORKER", default_value_t = true, action = clap::ArgAction::Set)]
     pub event_worker: bool,
 
-    /// Most events in one webhook POST.
-    #[arg(long, env = "TALLY_WEBHOOK_BATCH_EVENTS", default_value_t = 1000)]
+    /// Most events in one webhook POST (a batch is whole JetStream messages: at least one).
+    #[arg(long, env = "TALLY_WEBHOOK_BATCH_EVENTS", default_value_t = 2000)]
     pub webhook_batch_events: usize,
 
     /// Most bytes in one webhook POST.

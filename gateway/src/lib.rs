@@ -79,11 +79,15 @@ impl Gateway {
             None => metering::spool::default_dir(&self.config.data_dir())
                 .map_err(|e| StartError::Config(e.to_string()))?,
         };
+        let limits = metering::flush::Limits {
+            capacity: m.metering_buffer,
+            every: m.metering_flush_events,
+            interval: m.metering_flush_interval,
+            max_text: m.webhook_batch_bytes,
+        };
         let flusher = metering::flush::Flusher::start(
             Arc::downgrade(self),
-            m.metering_buffer,
-            m.metering_flush_events,
-            m.metering_flush_interval,
+            limits,
             m.metering_spool.then_some(spool_dir.as_path()),
         )
         .map_err(|e| StartError::Config(e.to_string()))?;

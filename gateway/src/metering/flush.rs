@@ -43,6 +43,7 @@ struct Shared {
     wake: Notify,
     capacity: usize,
     every: usize,
+    max_text: usize,
     /// The metering counters the invocation path bumps, looked up once.
     counters: OnceLock<Counters>,
 }
@@ -65,14 +66,25 @@ struct Buffer {
     publishing: bool,
 }
 
+/// How much the flusher buffers and when and in what pieces it publishes.
+pub struct Limits {
+    /// Most events buffered; beyond, events are dropped (counted).
+    pub capacity: usize,
+    /// Flush at this many events; also the most events in one message.
+    pub every: usize,
+    /// ...or this long after the first buffered event.
+    pub interval: Duration,
+    /// Most JSON text in one message before compression: the webhook's batch size, since a
+    /// message is a batch's unit and must not make one larger than that.
+    pub max_text: usize,
+}
+
 impl Flusher {
     /// Starts the flushing task; with a spool directory, events are spooled there first and
     /// whatever a crashed predecessor left is published before anything new.
     pub fn start(
         gw: Weak<Gateway>,
-        capacity: usize,
-        every: usize,
-        interval: Duration,
+        limits: Limits,
         spool_dir: Option<&Path>,
     ) -> Result<Self, SpoolError> {
         let (spool, replay) = match spool_dir {
@@ -88,11 +100,12 @@ impl Flusher {
                 ..Buffer::default()
             }),
             wake: Notify::new(),
-            capacity: capacity.max(1),
-            every: every.max(1),
+            capacity: limits.capacity.max(1),
+            every: limits.every.max(1),
+            max_text: limits.max_text.clamp(1, message::MAX_TEXT),
             counters: OnceLock::new(),
         });
-        tokio::spawn(flush_loop(gw, shared.clone(), interval, replay));
+        tokio::spawn(flush_loop(gw, shared.clone(), limits.interval, replay));
         Ok(Self { shared })
     }
 
@@ -334,26 +347,28 @@ async fn publish_all(
     lines: &[Bytes],
     streams_ready: &mut bool,
 ) -> bool {
-    for chunk in Chunks::new(lines, shared.every) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let Some(gw) = gw.upgrade() else { return false };
-            match publish(&gw, chunk, streams_ready).await {
-                Ok(()) => {
-                    gw.metrics
-                        .metering
-                        .with_label_values(&["flushed"])
-                        .inc_by(chunk.len() as u64);
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        events = chunk.len(),
-                        "flushing usage events: {e}; retrying in {backoff:?}"
-                    );
-                    drop(gw);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+    for chunk in Chunks::new(lines, shared.every, shared.max_text) {
+        for (part, payload, headers) in message::encode_within(chunk, MAX_MESSAGE_BYTES) {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let Some(gw) = gw.upgrade() else { return false };
+                match publish(&gw, part, &payload, &headers, streams_ready).await {
+                    Ok(()) => {
+                        gw.metrics
+                            .metering
+                            .with_label_values(&["flushed"])
+                            .inc_by(part.len() as u64);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            events = part.len(),
+                            "flushing usage events: {e}; retrying in {backoff:?}"
+                        );
+                        drop(gw);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
             }
         }
@@ -362,21 +377,23 @@ async fn publish_all(
 }
 
 /// Largest JetStream message the flusher builds: under nats-server's default
-/// `max_payload` (1 MiB), whatever the events' sizes.
+/// `max_payload` (1 MiB), whatever the events' sizes (a compressed chunk above it is halved).
 const MAX_MESSAGE_BYTES: usize = 768 << 10;
 
-/// Consecutive runs of at most `every` lines and MAX_MESSAGE_BYTES (a line longer than
-/// that goes alone).
+/// Consecutive runs of at most `every` lines and `max_text` bytes (a line longer than that
+/// goes alone).
 struct Chunks<'a> {
     rest: &'a [Bytes],
     every: usize,
+    max_text: usize,
 }
 
 impl<'a> Chunks<'a> {
-    fn new(lines: &'a [Bytes], every: usize) -> Self {
+    fn new(lines: &'a [Bytes], every: usize, max_text: usize) -> Self {
         Self {
             rest: lines,
             every: every.max(1),
+            max_text,
         }
     }
 }
@@ -392,7 +409,7 @@ impl<'a> Iterator for Chunks<'a> {
         let mut n = 0;
         while n < self.rest.len().min(self.every) {
             bytes += self.rest[n].len() + 1;
-            if n > 0 && bytes > MAX_MESSAGE_BYTES {
+            if n > 0 && bytes > self.max_text {
                 break;
             }
             n += 1;
@@ -403,9 +420,15 @@ impl<'a> Iterator for Chunks<'a> {
     }
 }
 
-/// One JetStream message per chunk (see [`message`]), deduplicated by its first event's id
-/// and length (a replayed chunk is the same message).
-async fn publish(gw: &Gateway, chunk: &[Bytes], streams_ready: &mut bool) -> Result<(), String> {
+/// One JetStream message: `part`'s events as [`message::encode_within`] made them,
+/// deduplicated by its first event's id and length (a replayed part is the same message).
+async fn publish(
+    gw: &Gateway,
+    part: &[Bytes],
+    payload: &Bytes,
+    headers: &async_nats::HeaderMap,
+    streams_ready: &mut bool,
+) -> Result<(), String> {
     let queue = gw
         .queue
         .get()
@@ -416,12 +439,11 @@ async fn publish(gw: &Gateway, chunk: &[Bytes], streams_ready: &mut bool) -> Res
         *streams_ready = true;
     }
     let first: FunctionUsage =
-        serde_json::from_slice(&chunk[0]).map_err(|e| format!("spooled event: {e}"))?;
-    let (payload, headers) = message::encode(chunk);
-    let msg_id = format!("{}+{}", first.id, chunk.len());
+        serde_json::from_slice(&part[0]).map_err(|e| format!("spooled event: {e}"))?;
+    let msg_id = format!("{}+{}", first.id, part.len());
     let publish = jetstream::message::PublishMessage::build()
-        .payload(payload)
-        .headers(headers)
+        .payload(payload.clone())
+        .headers(headers.clone())
         .message_id(msg_id);
     let sent = async {
         let ack = queue
@@ -472,25 +494,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_hold_at_most_n_events_and_fit_a_nats_message() {
+    fn chunks_hold_at_most_n_events_and_a_webhook_batch_of_text() {
         let small: Vec<Bytes> = (0..2500).map(|_| Bytes::from(vec![b'x'; 99])).collect();
-        let sizes: Vec<usize> = Chunks::new(&small, 1000).map(<[Bytes]>::len).collect();
+        let sizes: Vec<usize> = Chunks::new(&small, 1000, 1 << 20)
+            .map(<[Bytes]>::len)
+            .collect();
         assert_eq!(sizes, [1000, 1000, 500]);
         let big: Vec<Bytes> = (0..10)
             .map(|_| Bytes::from(vec![b'x'; 300 << 10]))
             .collect();
-        let sizes: Vec<usize> = Chunks::new(&big, 1000).map(<[Bytes]>::len).collect();
+        let sizes: Vec<usize> = Chunks::new(&big, 1000, 1 << 20)
+            .map(<[Bytes]>::len)
+            .collect();
         assert_eq!(
             sizes,
-            [2, 2, 2, 2, 2],
-            "two of 300 KiB fit 768 KiB, three do not"
+            [3, 3, 3, 1],
+            "three of 300 KiB fit 1 MiB of text, four do not"
         );
         let huge = vec![Bytes::from(vec![b'x'; 2 << 20])];
         assert_eq!(
-            Chunks::new(&huge, 1000).count(),
+            Chunks::new(&huge, 1000, 1 << 20).count(),
             1,
             "an oversized event goes alone"
         );
-        assert_eq!(Chunks::new(&[], 1000).count(), 0);
+        assert_eq!(Chunks::new(&[], 1000, 1 << 20).count(), 0);
     }
 }

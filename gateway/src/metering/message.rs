@@ -14,7 +14,7 @@ pub const ENCODING_HEADER: &str = "Tally-Encoding";
 /// A message's JSON is at most this long once decompressed (NATS's payload limit is
 /// 1 MiB and the compressed form is smaller than the text): bounds what a corrupt or
 /// hostile length prefix can make the worker allocate.
-const MAX_TEXT: usize = 16 << 20;
+pub const MAX_TEXT: usize = 16 << 20;
 
 /// Separates two events in the array: no event's JSON holds a raw newline.
 const SEPARATOR: &[u8] = b",\n";
@@ -36,6 +36,20 @@ pub fn encode(lines: &[Bytes]) -> (Bytes, HeaderMap) {
     headers.insert(ENCODING_HEADER, "lz4");
     let compressed = lz4_flex::block::compress_prepend_size(&payload);
     (Bytes::from(compressed), headers)
+}
+
+/// `lines` as messages whose payloads are at most `max` bytes each: one message when the
+/// compressed chunk fits, else its two halves in turn (one event goes alone whatever its
+/// size). Deterministic, so a replayed chunk is split the same way.
+pub fn encode_within(lines: &[Bytes], max: usize) -> Vec<(&[Bytes], Bytes, HeaderMap)> {
+    let (payload, headers) = encode(lines);
+    if payload.len() <= max || lines.len() < 2 {
+        return vec![(lines, payload, headers)];
+    }
+    let (a, b) = lines.split_at(lines.len() / 2);
+    let mut parts = encode_within(a, max);
+    parts.extend(encode_within(b, max));
+    parts
 }
 
 /// A message's JSON text: its payload, decompressed if [`encode`] compressed it.
@@ -107,6 +121,48 @@ mod tests {
                 assert_eq!(event.as_bytes(), line.strip_suffix(b"\n").unwrap_or(line));
             }
         }
+    }
+
+    #[test]
+    fn a_chunk_that_does_not_compress_below_the_limit_is_halved() {
+        // Repetitive events compress: a 1000-event chunk of ~40 KB fits 20 KB as one message.
+        let sent = lines(1000);
+        let parts = encode_within(&sent, 20_000);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].0.len(), 1000);
+        // Random ids barely compress: the chunk is split until every part fits.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let noisy: Vec<Bytes> = (0..1000)
+            .map(|_| {
+                let id: String = (0..64)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        char::from(b'a' + (seed % 26) as u8)
+                    })
+                    .collect();
+                Bytes::from(format!("{{\"id\":\"{id}\"}}\n"))
+            })
+            .collect();
+        let parts = encode_within(&noisy, 20_000);
+        assert!(parts.len() > 1);
+        assert!(parts.iter().all(|(_, payload, _)| payload.len() <= 20_000));
+        let rejoined: Vec<Bytes> = parts
+            .iter()
+            .flat_map(|(c, _, _)| c.iter().cloned())
+            .collect();
+        assert_eq!(rejoined, noisy, "every event once, in order");
+        for (chunk, payload, headers) in &parts {
+            let text = text(Some(headers), payload).expect("decompressed");
+            assert_eq!(
+                events(Some(headers), &text).map(|e| e.len()),
+                Some(chunk.len())
+            );
+        }
+        // One event bigger than the limit still goes, alone.
+        let huge = vec![noisy.concat().into()];
+        assert_eq!(encode_within(&huge, 20_000).len(), 1);
     }
 
     #[test]

@@ -78,10 +78,11 @@ impl Meter {
             .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
 
-    fn agent_active(&self) -> bool {
+    /// Whether an agent polled within AGENT_ACTIVE_FOR before `now` (an invocation's end,
+    /// which the caller knows: no clock read per event).
+    fn agent_active(&self, now: SystemTime) -> bool {
         let seen = self.agent_seen_ms.load(Ordering::Relaxed);
-        seen != 0
-            && unix_ms(SystemTime::now()).saturating_sub(seen) < AGENT_ACTIVE_FOR.as_millis() as u64
+        seen != 0 && unix_ms(now).saturating_sub(seen) < AGENT_ACTIVE_FOR.as_millis() as u64
     }
 
     /// Records the gateway's own measurement of an invocation.
@@ -117,7 +118,7 @@ impl Meter {
             billed_duration_ms: FunctionUsage::billed_ms(duration),
             source: "gateway",
         };
-        if !self.agent_active() {
+        if !self.agent_active(m.started + m.duration) {
             // The common case writes the line straight from the measurements.
             self.flusher.send_line(gw, flush::line(&line));
             return;

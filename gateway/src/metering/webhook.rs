@@ -111,8 +111,7 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
         let (mut batch, mut events) = (Vec::new(), Events::default());
         take(&js, first, &mut batch, &mut events).await;
         let deadline = tokio::time::Instant::now() + cfg.webhook_batch_wait;
-        while events.body.len() < cfg.webhook_batch_bytes && events.len() < cfg.webhook_batch_events
-        {
+        while events.bytes() < cfg.webhook_batch_bytes && events.len() < cfg.webhook_batch_events {
             match tokio::time::timeout_at(deadline, messages.next()).await {
                 Ok(Some(Ok(m))) => take(&js, m, &mut batch, &mut events).await,
                 Ok(Some(Err(e))) => return Err(e.to_string()),
@@ -137,7 +136,10 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
 /// one's end time for the delivery-lag histogram.
 #[derive(Default)]
 struct Events {
-    /// The body's JSON array so far, one event per line (`[` but no `]` yet).
+    /// While the batch is one message written by the flusher: that message's text, already
+    /// the JSON array to send (the common case: a message holds a batch's worth of events).
+    whole: Option<Bytes>,
+    /// Otherwise the body's JSON array so far, one event per line (`[` but no `]` yet).
     body: Vec<u8>,
     /// Unix nanoseconds at which each event's invocation ended (None: unreadable time).
     ended: Vec<Option<i128>>,
@@ -152,19 +154,47 @@ impl Events {
         self.ended.is_empty()
     }
 
+    /// The body's size so far.
+    fn bytes(&self) -> usize {
+        self.whole.as_ref().map_or(self.body.len(), Bytes::len)
+    }
+
+    /// Adds a message's events: the message's own text when it starts the batch, or copied
+    /// after the events already there.
+    fn push_message(&mut self, text: &Bytes, events: &[&str]) {
+        if events.is_empty() {
+            return;
+        }
+        if self.is_empty() && self.body.is_empty() {
+            self.whole = Some(text.clone());
+            self.ended
+                .extend(events.iter().map(|e| Timing::ended_of(e)));
+        } else {
+            for e in events {
+                self.push(e);
+            }
+        }
+    }
+
     /// Adds one event's JSON text (one per line in the body).
     fn push(&mut self, event: &str) {
+        if let Some(whole) = self.whole.take() {
+            // Reopen the array the message closed.
+            self.body = whole.strip_suffix(b"]").unwrap_or(&whole).to_vec();
+        }
         if self.body.is_empty() {
             self.body.push(b'[');
         } else {
             self.body.extend_from_slice(b",\n");
         }
         self.body.extend_from_slice(event.as_bytes());
-        self.ended
-            .push(Timing::of(event).and_then(|t| t.ended_ns()));
+        self.ended.push(Timing::ended_of(event));
     }
 
     fn into_body(mut self) -> Bytes {
+        if let Some(whole) = self.whole {
+            return whole;
+        }
         if self.body.is_empty() {
             self.body.push(b'[');
         }
@@ -207,6 +237,11 @@ impl<'a> Timing<'a> {
         scanned().or_else(|| serde_json::from_str(event).ok())
     }
 
+    /// Unix nanoseconds at which the invocation of `event` ended, if its text says.
+    fn ended_of(event: &str) -> Option<i128> {
+        Timing::of(event).and_then(|t| t.ended_ns())
+    }
+
     /// Unix nanoseconds at which the invocation ended.
     fn ended_ns(&self) -> Option<i128> {
         let start = chrono::DateTime::parse_from_rfc3339(self.started).ok()?;
@@ -232,9 +267,7 @@ async fn take(
         }
     };
     if let Some(found) = message::events(m.headers.as_ref(), &text) {
-        for e in found {
-            events.push(e);
-        }
+        events.push_message(&text, &found);
         batch.push(m);
         return;
     }
@@ -419,5 +452,50 @@ mod tests {
         let spaced = r#"{ "duration" : 7, "started" : "2026-11-23T00:00:00Z" }"#;
         assert_eq!(Timing::of(spaced).map(|t| t.duration), Some(7));
         assert!(Timing::of(r#"{"duration":"x"}"#).is_none());
+    }
+
+    #[test]
+    fn a_batch_of_one_message_sends_its_text_and_more_are_joined() {
+        let event =
+            |i: u32| format!(r#"{{"id":"e{i}","started":"2026-11-23T00:00:01Z","duration":{i}}}"#);
+        let message = |ids: std::ops::Range<u32>| {
+            let lines: Vec<Bytes> = ids.map(|i| Bytes::from(event(i) + "\n")).collect();
+            let (payload, headers) = message::encode(&lines);
+            (message::text(Some(&headers), &payload).unwrap(), headers)
+        };
+        let ids = |body: &Bytes| -> Vec<String> {
+            let v: Vec<serde_json::Value> = serde_json::from_slice(body).expect("a JSON array");
+            v.iter()
+                .map(|e| e["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (one, headers) = message(0..3);
+        let found = message::events(Some(&headers), &one).unwrap();
+        let mut events = Events::default();
+        events.push_message(&one, &found);
+        assert_eq!((events.len(), events.bytes()), (3, one.len()));
+        let body = events.into_body();
+        assert_eq!(body.as_ptr(), one.as_ptr(), "sent as it came, not copied");
+        assert_eq!(ids(&body), ["e0", "e1", "e2"]);
+
+        let (two, headers2) = message(3..5);
+        let found2 = message::events(Some(&headers2), &two).unwrap();
+        let mut events = Events::default();
+        events.push_message(&one, &found);
+        events.push_message(&two, &found2);
+        events.push(&event(5));
+        assert_eq!(events.len(), 6);
+        assert_eq!(events.ended[5], Some(1_795_392_001_000_000_005));
+        assert_eq!(
+            ids(&events.into_body()),
+            ["e0", "e1", "e2", "e3", "e4", "e5"]
+        );
+
+        // A message without events adds nothing, and does not stand in for the body.
+        let (empty, _) = message(0..0);
+        let mut events = Events::default();
+        events.push_message(&empty, &[]);
+        events.push(&event(7));
+        assert_eq!(ids(&events.into_body()), ["e7"]);
     }
 }
