@@ -318,6 +318,110 @@ async fn a_receiver_that_fails_gets_retries_and_a_refused_batch_is_parked() {
     assert!(parked.is_empty());
 }
 
+/// A refused batch bigger than a NATS message (1 MiB) is parked whole, compressed, and
+/// re-queued whole: before, its park failed and its events were acked all the same (lost).
+#[tokio::test]
+async fn a_refused_batch_bigger_than_a_nats_message_is_parked_whole() {
+    let hook = Webhook::start().await;
+    hook.sink
+        .answer
+        .store(400, std::sync::atomic::Ordering::SeqCst);
+    let mut flags = hook.flags();
+    flags.extend(
+        [
+            "--webhook-batch-bytes",
+            "4000000",
+            "--webhook-batch-events",
+            "100000",
+            "--metering-flush-events",
+            "100000",
+            "--metering-flush-interval",
+            "1s",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = TestGateway::start(&args);
+    gw.wait_async_ready().await;
+    // 3,000 events of ≈ 400 bytes: ≈ 1.2 MB of JSON in one batch, posted as the agent would.
+    const N: usize = 3000;
+    for part in 0..6 {
+        let events: Vec<Value> = (0..N / 6)
+            .map(|i| {
+                let n = part * N / 6 + i;
+                json!({
+                    "id": format!("big-{n:05}-{}", "x".repeat(40)), "call_id": format!("call-{n:05}-{}", "y".repeat(40)),
+                    "namespace": "openfaas-fn", "function_name": "big", "replica": "big-xxxxx",
+                    "started": "2026-11-22T10:00:00.000000001Z", "duration_ns": 1_000_000 + n, "status_code": 200,
+                    "memory_peak_bytes": 3_000_000, "memory_limit_bytes": 134_217_728, "cpu_ns": 900_000, "source": "kernel"
+                })
+            })
+            .collect();
+        let r = gw.post_usage(&Value::Array(events)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = gw.metrics().await;
+        if metric(&m, "gateway_metering_events_total{stage=\"parked\"}") == Some(N as f64) {
+            break;
+        }
+        assert_eq!(
+            metric(&m, "gateway_metering_events_total{stage=\"park_failed\"}"),
+            None,
+            "a park failed"
+        );
+        assert!(Instant::now() < deadline, "not all parked: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = hook.sink.all();
+    assert!(
+        received.iter().any(|r| r.body.len() > 1 << 20),
+        "the refused batch was bigger than 1 MiB: {:?}",
+        received.iter().map(|r| r.body.len()).collect::<Vec<_>>()
+    );
+    let parked: Vec<Value> = gw
+        .get_sys("/system/metering/parked")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events: u64 = parked.iter().filter_map(|p| p["events"].as_u64()).sum();
+    assert_eq!(events, N as u64, "{parked:?}");
+    // Re-queued once the receiver is fixed: every event delivered.
+    hook.sink
+        .answer
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/metering/parked/requeue")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(
+        &gw.metrics().await,
+        "gateway_metering_events_total{stage=\"delivered\"}",
+    ) != Some(N as f64)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the re-queued events were not all delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered: Vec<Value> = hook.sink.all()[received.len()..]
+        .iter()
+        .flat_map(|r| serde_json::from_slice::<Vec<Value>>(&r.body).unwrap())
+        .collect();
+    let ids: std::collections::HashSet<&str> =
+        delivered.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!((delivered.len(), ids.len()), (N, N));
+}
+
 #[tokio::test]
 async fn kernel_events_replace_the_gateways_and_never_both() {
     let hook = Webhook::start().await;

@@ -31,11 +31,19 @@ pub fn encode(lines: &[Bytes]) -> (Bytes, HeaderMap) {
         payload.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
     }
     payload.push(b']');
-    let mut headers = HeaderMap::new();
+    let (compressed, mut headers) = compress(&payload);
     headers.insert(EVENTS_HEADER, lines.len().to_string().as_str());
+    (compressed, headers)
+}
+
+/// JSON text LZ4-compressed, with the header [`text`] reads it back by.
+pub fn compress(text: &[u8]) -> (Bytes, HeaderMap) {
+    let mut headers = HeaderMap::new();
     headers.insert(ENCODING_HEADER, "lz4");
-    let compressed = lz4_flex::block::compress_prepend_size(&payload);
-    (Bytes::from(compressed), headers)
+    (
+        Bytes::from(lz4_flex::block::compress_prepend_size(text)),
+        headers,
+    )
 }
 
 /// `lines` as messages whose payloads are at most `max` bytes each: one message when the

@@ -5,6 +5,7 @@ use async_nats::jetstream;
 use serde::Serialize;
 
 use super::flush::{PARKED_STREAM, SUBJECT};
+use super::message;
 
 /// At most this many parked batches are read or re-queued per call.
 const PER_CALL: u64 = 10_000;
@@ -52,7 +53,9 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<ParkedBatch>, String> {
             parked_at: m.time.to_string(),
             status: header("Tally-Webhook-Status").parse().unwrap_or(0),
             answer: header("Tally-Webhook-Answer"),
-            events: serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&m.payload)
+            events: message::text(Some(&m.headers), &m.payload)
+                .ok()
+                .and_then(|t| serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&t).ok())
                 .map_or(0, |v| v.len()),
         });
     }
@@ -69,8 +72,14 @@ pub async fn requeue(js: &jetstream::Context) -> Result<usize, String> {
         let Ok(m) = stream.get_raw_message(seq).await else {
             continue;
         };
+        // A batch goes back as it was parked (compressed: its encoding goes with it).
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(v) = m.headers.get(message::ENCODING_HEADER) {
+            headers.insert(message::ENCODING_HEADER, v.clone());
+        }
         let publish = jetstream::message::PublishMessage::build()
             .payload(m.payload.clone())
+            .headers(headers)
             .message_id(format!("parked-{seq}"));
         let ack = js
             .send_publish(SUBJECT, publish)

@@ -2,6 +2,7 @@
 //! signed batches, acks only after a 2xx, retries 5xx and outages with capped backoff,
 //! and parks a batch the receiver refuses (4xx) for inspection.
 
+use std::ops::Range;
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 use memchr::memmem;
 
-use super::flush::{PARKED_SUBJECT, STREAM, ensure_streams};
+use super::flush::{PARKED_STREAM, PARKED_SUBJECT, STREAM, ensure_streams};
 use super::{message, sign};
 use crate::Gateway;
 
@@ -93,27 +94,47 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     let client: Client = weak.upgrade().ok_or("gateway gone")?.outbound.clone();
+    // A message that would have taken the last batch over a limit: it starts the next one.
+    let mut held: Option<Fetched> = None;
     loop {
         while inflight.try_join_next().is_some() {}
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => s.map_err(|e| e.to_string())?,
             () = crate::until_true(&mut stopping) => return Ok(()),
         };
-        // A batch: whole messages, until the event or byte limit, or the wait runs out.
-        let first = tokio::select! {
-            m = messages.next() => m,
-            () = crate::until_true(&mut stopping) => return Ok(()),
+        // A batch: whole messages, within the event and byte limits (a message over them
+        // goes alone), until the wait runs out.
+        let first = match held.take() {
+            Some(f) => f,
+            None => {
+                let m = tokio::select! {
+                    m = messages.next() => m,
+                    () = crate::until_true(&mut stopping) => return Ok(()),
+                };
+                let m = m.ok_or("the message stream ended")?;
+                let Some(f) = Fetched::open(&js, m.map_err(|e| e.to_string())?).await else {
+                    continue;
+                };
+                f
+            }
         };
-        let Some(first) = first else {
-            return Err("the message stream ended".into());
-        };
-        let first = first.map_err(|e| e.to_string())?;
         let (mut batch, mut events) = (Vec::new(), Events::default());
-        take(&js, first, &mut batch, &mut events).await;
+        events.add(first, &mut batch);
         let deadline = tokio::time::Instant::now() + cfg.webhook_batch_wait;
         while events.bytes() < cfg.webhook_batch_bytes && events.len() < cfg.webhook_batch_events {
             match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(Ok(m))) => take(&js, m, &mut batch, &mut events).await,
+                Ok(Some(Ok(m))) => {
+                    let Some(f) = Fetched::open(&js, m).await else {
+                        continue;
+                    };
+                    if events.bytes() + f.text.len() > cfg.webhook_batch_bytes
+                        || events.len() + f.events.len() > cfg.webhook_batch_events
+                    {
+                        held = Some(f);
+                        break;
+                    }
+                    events.add(f, &mut batch);
+                }
                 Ok(Some(Err(e))) => return Err(e.to_string()),
                 Ok(None) | Err(_) => break,
             }
@@ -122,6 +143,10 @@ async fn run(weak: &Weak<Gateway>) -> Result<(), String> {
             return Ok(());
         };
         if events.is_empty() {
+            // Messages without events: nothing to deliver.
+            for m in &batch {
+                let _ = m.double_ack().await;
+            }
             continue;
         }
         let (client, secret, js, cfg) = (client.clone(), secret.clone(), js.clone(), cfg.clone());
@@ -159,19 +184,25 @@ impl Events {
         self.whole.as_ref().map_or(self.body.len(), Bytes::len)
     }
 
-    /// Adds a message's events: the message's own text when it starts the batch, or copied
-    /// after the events already there.
-    fn push_message(&mut self, text: &Bytes, events: &[&str]) {
+    /// Adds a fetched message's events to the batch, and the message to those acked with it.
+    fn add(&mut self, f: Fetched, batch: &mut Vec<jetstream::Message>) {
+        self.push_message(&f.text, &f.events);
+        batch.push(f.m);
+    }
+
+    /// Adds a message's events (`events` locates them in `text`): the message's own text
+    /// when it starts the batch, or copied after the events already there.
+    fn push_message(&mut self, text: &Bytes, events: &[Range<usize>]) {
         if events.is_empty() {
             return;
         }
         if self.is_empty() && self.body.is_empty() {
             self.whole = Some(text.clone());
             self.ended
-                .extend(events.iter().map(|e| Timing::ended_of(e)));
+                .extend(events.iter().map(|r| Timing::ended_of(&utf8(text, r))));
         } else {
-            for e in events {
-                self.push(e);
+            for r in events {
+                self.push(&utf8(text, r));
             }
         }
     }
@@ -249,41 +280,67 @@ impl<'a> Timing<'a> {
     }
 }
 
-/// Adds a message's events to the batch (read once, copied as they are); an unreadable
-/// message is parked.
-async fn take(
-    js: &jetstream::Context,
+/// One event's text in its message (`events` ranges are found in valid UTF-8, so this
+/// borrows).
+fn utf8<'a>(text: &'a Bytes, r: &Range<usize>) -> std::borrow::Cow<'a, str> {
+    String::from_utf8_lossy(&text[r.clone()])
+}
+
+/// A message from the stream, read once: its JSON text and where each event is in it.
+struct Fetched {
     m: jetstream::Message,
-    batch: &mut Vec<jetstream::Message>,
-    events: &mut Events,
-) {
-    let text = match message::text(m.headers.as_ref(), &m.payload) {
-        Ok(text) => text,
-        Err(e) => {
-            tracing::error!("unreadable usage message parked: {e}");
-            park(js, &m.payload, 0, &format!("unreadable: {e}")).await;
-            let _ = m.double_ack().await;
-            return;
-        }
-    };
-    if let Some(found) = message::events(m.headers.as_ref(), &text) {
-        events.push_message(&text, &found);
-        batch.push(m);
-        return;
-    }
-    match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&text) {
-        Ok(raw) => {
-            for e in raw {
-                events.push(e.get());
+    text: Bytes,
+    events: Vec<Range<usize>>,
+}
+
+impl Fetched {
+    /// Reads a message; an unreadable one is parked (and acked once parked) and `None`.
+    async fn open(js: &jetstream::Context, m: jetstream::Message) -> Option<Self> {
+        let read = message::text(m.headers.as_ref(), &m.payload).and_then(|text| {
+            let events = locate(m.headers.as_ref(), &text)?;
+            Ok((text, events))
+        });
+        match read {
+            Ok((text, events)) => Some(Self { m, text, events }),
+            Err(e) => {
+                tracing::error!("unreadable usage message: {e}");
+                // Parked as it came (with its encoding, for whoever inspects it).
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(v) = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(message::ENCODING_HEADER))
+                {
+                    headers.insert(message::ENCODING_HEADER, v.clone());
+                }
+                let why = format!("unreadable: {e}");
+                if park(js, m.payload.clone(), headers, 0, &why).await {
+                    let _ = m.double_ack().await;
+                } else {
+                    let _ = m.ack_with(AckKind::Nak(Some(PARK_RETRY))).await;
+                }
+                None
             }
-            batch.push(m);
-        }
-        Err(e) => {
-            tracing::error!("unreadable usage message parked: {e}");
-            park(js, &m.payload, 0, &format!("unreadable: {e}")).await;
-            let _ = m.double_ack().await;
         }
     }
+}
+
+/// Where each event is in a message's text: found by line in the flusher's messages, else
+/// by parsing the JSON array.
+fn locate(
+    headers: Option<&async_nats::HeaderMap>,
+    text: &Bytes,
+) -> Result<Vec<Range<usize>>, String> {
+    let at = |e: &str| {
+        let start = e.as_ptr() as usize - text.as_ptr() as usize;
+        start..start + e.len()
+    };
+    if let Some(found) = message::events(headers, text) {
+        return Ok(found.into_iter().map(at).collect());
+    }
+    serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(text)
+        .map(|raw| raw.into_iter().map(|e| at(e.get())).collect())
+        .map_err(|e| e.to_string())
 }
 
 async fn deliver(
@@ -343,17 +400,28 @@ async fn deliver(
                 tracing::error!(
                     status,
                     events = count,
-                    "webhook refused a batch; parked in {}: {why}",
+                    "webhook refused a batch; parking it in {}: {why}",
                     super::flush::PARKED_STREAM
                 );
-                park(js, &body, status, &why).await;
-                for m in &batch {
-                    let _ = m.double_ack().await;
+                let (payload, headers) = message::compress(&body);
+                if park(js, payload, headers, status, &why).await {
+                    for m in &batch {
+                        let _ = m.double_ack().await;
+                    }
+                    gw.metrics
+                        .metering
+                        .with_label_values(&["parked"])
+                        .inc_by(count as u64);
+                } else {
+                    // Not parked: the messages come back later, nothing is dropped.
+                    for m in &batch {
+                        let _ = m.ack_with(AckKind::Nak(Some(PARK_RETRY))).await;
+                    }
+                    gw.metrics
+                        .metering
+                        .with_label_values(&["park_failed"])
+                        .inc_by(count as u64);
                 }
-                gw.metrics
-                    .metering
-                    .with_label_values(&["parked"])
-                    .inc_by(count as u64);
                 return;
             }
             Outcome::Failed(why) => {
@@ -414,24 +482,39 @@ async fn post(
     }
 }
 
-/// Keeps a refused batch in `TALLY_USAGE_PARKED`, with the answer in its headers.
-async fn park(js: &jetstream::Context, body: &[u8], status: u16, why: &str) {
-    let mut headers = async_nats::HeaderMap::new();
+/// How long messages that could not be parked wait before they are delivered again.
+const PARK_RETRY: Duration = Duration::from_secs(30);
+
+/// Keeps a refused batch (compressed as the flusher's messages are, so a batch of a
+/// webhook's size fits a NATS message) or an unreadable message in `TALLY_USAGE_PARKED`,
+/// with the answer in its headers. False when it could not be parked.
+async fn park(
+    js: &jetstream::Context,
+    payload: Bytes,
+    mut headers: async_nats::HeaderMap,
+    status: u16,
+    why: &str,
+) -> bool {
     headers.insert("Tally-Webhook-Status", status.to_string().as_str());
     headers.insert(
         "Tally-Webhook-Answer",
         why.replace(['\r', '\n'], " ").as_str(),
     );
-    match js
-        .publish_with_headers(PARKED_SUBJECT, headers, Bytes::copy_from_slice(body))
-        .await
-    {
-        Ok(ack) => {
-            if let Err(e) = ack.await {
-                tracing::error!("parking a refused batch: {e}");
-            }
+    let parked = async {
+        let ack = js
+            .publish_with_headers(PARKED_SUBJECT, headers, payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map_err(|e| e.to_string())
+    };
+    match parked.await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(
+                "parking in {PARKED_STREAM} failed: {e}; the batch is delivered again in {PARK_RETRY:?}"
+            );
+            false
         }
-        Err(e) => tracing::error!("parking a refused batch: {e}"),
     }
 }
 
@@ -470,7 +553,7 @@ mod tests {
                 .collect()
         };
         let (one, headers) = message(0..3);
-        let found = message::events(Some(&headers), &one).unwrap();
+        let found = locate(Some(&headers), &one).unwrap();
         let mut events = Events::default();
         events.push_message(&one, &found);
         assert_eq!((events.len(), events.bytes()), (3, one.len()));
@@ -479,7 +562,10 @@ mod tests {
         assert_eq!(ids(&body), ["e0", "e1", "e2"]);
 
         let (two, headers2) = message(3..5);
-        let found2 = message::events(Some(&headers2), &two).unwrap();
+        let found2 = locate(Some(&headers2), &two).unwrap();
+        // Without the flusher's header (a re-queued parked batch): found by parsing, the same.
+        assert_eq!(locate(None, &two).unwrap(), found2);
+        assert!(locate(None, &Bytes::from_static(b"[1,")).is_err());
         let mut events = Events::default();
         events.push_message(&one, &found);
         events.push_message(&two, &found2);
