@@ -199,16 +199,16 @@ impl Events {
         if self.is_empty() && self.body.is_empty() {
             self.whole = Some(text.clone());
             self.ended
-                .extend(events.iter().map(|r| Timing::ended_of(&utf8(text, r))));
+                .extend(events.iter().map(|r| Timing::ended_of(&text[r.clone()])));
         } else {
             for r in events {
-                self.push(&utf8(text, r));
+                self.push(&text[r.clone()]);
             }
         }
     }
 
     /// Adds one event's JSON text (one per line in the body).
-    fn push(&mut self, event: &str) {
+    fn push(&mut self, event: &[u8]) {
         if let Some(whole) = self.whole.take() {
             // Reopen the array the message closed.
             self.body = whole.strip_suffix(b"]").unwrap_or(&whole).to_vec();
@@ -218,7 +218,7 @@ impl Events {
         } else {
             self.body.extend_from_slice(b",\n");
         }
-        self.body.extend_from_slice(event.as_bytes());
+        self.body.extend_from_slice(event);
         self.ended.push(Timing::ended_of(event));
     }
 
@@ -244,32 +244,33 @@ struct Timing<'a> {
 impl<'a> Timing<'a> {
     /// Finds the fields in an event's text: a scan for the keys the gateway's own
     /// serializer writes (every event in the stream went through it), else a parse.
-    fn of(event: &'a str) -> Option<Self> {
+    fn of(event: &'a [u8]) -> Option<Self> {
         static STARTED: LazyLock<memmem::Finder<'static>> =
             LazyLock::new(|| memmem::Finder::new(b"\"started\":\""));
         static DURATION: LazyLock<memmem::Finder<'static>> =
             LazyLock::new(|| memmem::Finder::new(b"\"duration\":"));
         let scanned = || {
             let after = |key: &memmem::Finder<'_>| {
-                let at = key.find(event.as_bytes())? + key.needle().len();
+                let at = key.find(event)? + key.needle().len();
                 event.get(at..)
             };
             let started = after(&STARTED)?;
-            let started = &started[..started.find('"')?];
+            let started = &started[..memchr::memchr(b'"', started)?];
             let duration = after(&DURATION)?;
             let end = duration
-                .find(|c: char| !c.is_ascii_digit())
+                .iter()
+                .position(|c| !c.is_ascii_digit())
                 .unwrap_or(duration.len());
             Some(Self {
-                started,
-                duration: duration[..end].parse().ok()?,
+                started: std::str::from_utf8(started).ok()?,
+                duration: std::str::from_utf8(&duration[..end]).ok()?.parse().ok()?,
             })
         };
-        scanned().or_else(|| serde_json::from_str(event).ok())
+        scanned().or_else(|| serde_json::from_slice(event).ok())
     }
 
     /// Unix nanoseconds at which the invocation of `event` ended, if its text says.
-    fn ended_of(event: &str) -> Option<i128> {
+    fn ended_of(event: &[u8]) -> Option<i128> {
         Timing::of(event).and_then(|t| t.ended_ns())
     }
 
@@ -278,12 +279,6 @@ impl<'a> Timing<'a> {
         let start = chrono::DateTime::parse_from_rfc3339(self.started).ok()?;
         Some(i128::from(start.timestamp_nanos_opt()?) + i128::from(self.duration))
     }
-}
-
-/// One event's text in its message (`events` ranges are found in valid UTF-8, so this
-/// borrows).
-fn utf8<'a>(text: &'a Bytes, r: &Range<usize>) -> std::borrow::Cow<'a, str> {
-    String::from_utf8_lossy(&text[r.clone()])
 }
 
 /// A message from the stream, read once: its JSON text and where each event is in it.
@@ -525,7 +520,7 @@ mod tests {
     #[test]
     fn the_timing_of_an_event_is_found_by_scan_or_parse() {
         let ours = r#"{"event":"function_usage","started":"2026-11-23T00:00:01.5Z","duration":250000000,"status_code":200}"#;
-        let t = Timing::of(ours).unwrap();
+        let t = Timing::of(ours.as_bytes()).unwrap();
         assert_eq!(
             (t.started, t.duration),
             ("2026-11-23T00:00:01.5Z", 250_000_000)
@@ -533,8 +528,8 @@ mod tests {
         assert_eq!(t.ended_ns(), Some(1_795_392_001_750_000_000));
         // Spaced out (not our serializer's text): parsed.
         let spaced = r#"{ "duration" : 7, "started" : "2026-11-23T00:00:00Z" }"#;
-        assert_eq!(Timing::of(spaced).map(|t| t.duration), Some(7));
-        assert!(Timing::of(r#"{"duration":"x"}"#).is_none());
+        assert_eq!(Timing::of(spaced.as_bytes()).map(|t| t.duration), Some(7));
+        assert!(Timing::of(br#"{"duration":"x"}"#).is_none());
     }
 
     #[test]
@@ -569,7 +564,7 @@ mod tests {
         let mut events = Events::default();
         events.push_message(&one, &found);
         events.push_message(&two, &found2);
-        events.push(&event(5));
+        events.push(event(5).as_bytes());
         assert_eq!(events.len(), 6);
         assert_eq!(events.ended[5], Some(1_795_392_001_000_000_005));
         assert_eq!(
@@ -581,7 +576,7 @@ mod tests {
         let (empty, _) = message(0..0);
         let mut events = Events::default();
         events.push_message(&empty, &[]);
-        events.push(&event(7));
+        events.push(event(7).as_bytes());
         assert_eq!(ids(&events.into_body()), ["e7"]);
     }
 }
