@@ -35,6 +35,12 @@ pub fn run() -> Result<()> {
         "deploy/prometheus/prometheus.yml",
     ]))?;
     run_cmd(Command::new("amtool").args(["check-config", "deploy/alertmanager/alertmanager.yml"]))?;
+    // The alert rules fire when (and only when) they should: Prometheus's rule unit tests.
+    run_cmd(Command::new("promtool").args([
+        "test",
+        "rules",
+        "deploy/prometheus/alert.rules.test.yml",
+    ]))?;
     crate::ebpf::build()?;
     tests_with_failures_repeated()
 }
