@@ -24,7 +24,8 @@ pub struct Metrics {
     pub queue_callbacks: IntCounterVec,
     pub usage_events: IntCounterVec,
     pub usage_rejected: IntCounter,
-    /// Usage events by stage: produced, flushed, delivered, parked, dropped, kernel_late.
+    /// Usage events by stage: produced, flushed, delivered, parked, park_failed, dropped,
+    /// kernel_late, kernel_duplicate, replayed, spool_error.
     pub metering: IntCounterVec,
     pub metering_batch_events: prometheus::Histogram,
     pub metering_delivery_seconds: prometheus::Histogram,
@@ -144,7 +145,7 @@ impl Metrics {
         );
         let metering = counter_vec(
             "gateway_metering_events_total",
-            "Usage events by stage (produced, flushed, delivered, parked, dropped, kernel_late)",
+            "Usage events by stage (produced, flushed, delivered, parked, park_failed, dropped, kernel_late, kernel_duplicate, replayed, spool_error)",
             &["stage"],
         );
         let metering_batch_events = prometheus::Histogram::with_opts(
