@@ -42,27 +42,15 @@ async fn faas_cli_put_then_post_deploy_describe_list_delete() {
     assert!(status.get("usage").is_none());
 
     let described: Value = gw
-        .get_sys("/system/function/hello?namespace=openfaas-fn&usage=1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("/system/function/hello?namespace=openfaas-fn&usage=1")
+        .await;
     assert!(described["usage"]["cpu"].is_number(), "{described}");
     assert!(
         described["usage"]["totalMemoryBytes"].is_number(),
         "{described}"
     );
 
-    let list: Value = gw
-        .get_sys("/system/functions")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = gw.get_json("/system/functions").await;
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["invocationCount"], 1.0);
 
@@ -94,23 +82,9 @@ async fn faas_cli_put_then_post_deploy_describe_list_delete() {
 #[tokio::test]
 async fn namespaces_info_healthz_and_metrics() {
     let gw = TestGateway::start(&["--namespaces", "staging"]);
-    let ns: Value = gw
-        .get_sys("/system/namespaces")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ns: Value = gw.get_json("/system/namespaces").await;
     assert_eq!(ns, json!(["openfaas-fn", "staging"]));
-    let info: Value = gw
-        .get_sys("/system/info")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = gw.get_json("/system/info").await;
     assert_eq!(info["provider"]["provider"], "tally-local");
     assert_eq!(info["provider"]["orchestration"], "local");
     assert!(info["version"]["release"].is_string());
@@ -158,14 +132,7 @@ async fn namespaces_info_healthz_and_metrics() {
         Some(0.0)
     );
     assert!(m.contains("gateway_functions_seconds_bucket{code=\"200\",function_name=\"env.staging\",le=\"0.005\"}"), "{m}");
-    let list: Value = gw
-        .get_sys("/system/functions?namespace=staging")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = gw.get_json("/system/functions?namespace=staging").await;
     assert_eq!(list[0]["name"], "env");
 }
 
@@ -314,14 +281,7 @@ async fn bad_deployments_get_clear_errors_and_change_nothing() {
     // Unknown fields are ignored (OpenFaaS clients send more than we read).
     gw.deploy_ok(json!({"service":"a","image":"x","envProcess":"cat","somethingNew":{"x":[1]}}))
         .await;
-    let list: Value = gw
-        .get_sys("/system/functions")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = gw.get_json("/system/functions").await;
     assert_eq!(
         list.as_array().unwrap().len(),
         1,

@@ -152,14 +152,7 @@ async fn bad_async_requests() {
     assert_eq!(r.status(), 405);
     let r = gw.enqueue("Bad_Name", None, "").await;
     assert_eq!(r.status(), 400);
-    let dead: Value = gw
-        .get_sys("/system/async-dead-letters")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dead: Value = gw.get_json("/system/async-dead-letters").await;
     assert_eq!(dead, json!([]), "nothing was queued");
 }
 
@@ -214,14 +207,7 @@ async fn retries_back_off_and_then_dead_letter_and_requeue() {
     assert_eq!(status["attempt"], 4);
     assert_eq!(status["dead_lettered"], true);
 
-    let dead: Vec<Value> = gw
-        .get_sys("/system/async-dead-letters")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dead: Vec<Value> = gw.get_json("/system/async-dead-letters").await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["id"], "always-fails");
     assert!(dead[0]["reason"].as_str().unwrap().contains("503"));
@@ -253,14 +239,7 @@ async fn retries_back_off_and_then_dead_letter_and_requeue() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let dead: Vec<Value> = gw
-        .get_sys("/system/async-dead-letters")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dead: Vec<Value> = gw.get_json("/system/async-dead-letters").await;
     assert!(dead.is_empty(), "taken off the dead letters");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -453,14 +432,7 @@ async fn deleted_functions_and_malformed_messages_are_dead_lettered() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let dead: Vec<Value> = gw
-            .get_sys("/system/async-dead-letters")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let dead: Vec<Value> = gw.get_json("/system/async-dead-letters").await;
         if dead.len() == 4 {
             assert_eq!(
                 dead.iter()

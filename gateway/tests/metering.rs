@@ -87,6 +87,29 @@ fn python_verifies(body: &[u8], header: &str) -> bool {
         .success()
 }
 
+/// `POST /system/metering/parked/requeue` (202); how many batches it moved.
+async fn requeue_parked(gw: &TestGateway) -> u64 {
+    let r = gw
+        .auth(gw.http.post(gw.url("/system/metering/parked/requeue")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["requeued"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Waits until `gateway_metering_events_total{stage}` reaches `n` (`why` names a timeout).
+async fn wait_stage(gw: &TestGateway, stage: &str, n: usize, limit: Duration, why: &str) {
+    let series = format!("gateway_metering_events_total{{stage=\"{stage}\"}}");
+    let deadline = Instant::now() + limit;
+    while metric(&gw.metrics().await, &series) != Some(n as f64) {
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn every_invocation_is_one_signed_event() {
     let hook = Webhook::start().await;
@@ -256,15 +279,7 @@ async fn a_receiver_that_fails_gets_retries_and_a_refused_batch_is_parked() {
         .store(400, std::sync::atomic::Ordering::SeqCst);
     let before = hook.sink.all().len();
     gw.invoke("f").await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let m = gw.metrics().await;
-        if metric(&m, "gateway_metering_events_total{stage=\"parked\"}") == Some(1.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never parked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stage(&gw, "parked", 1, Duration::from_secs(15), "never parked").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         hook.sink.all().len(),
@@ -272,14 +287,7 @@ async fn a_receiver_that_fails_gets_retries_and_a_refused_batch_is_parked() {
         "a refused batch is sent once"
     );
     // Parked for inspection, and re-queued once the receiver is fixed.
-    let parked: Vec<Value> = gw
-        .get_sys("/system/metering/parked")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let parked: Vec<Value> = gw.get_json("/system/metering/parked").await;
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert_eq!(
         (parked[0]["status"].as_u64(), parked[0]["events"].as_u64()),
@@ -288,33 +296,10 @@ async fn a_receiver_that_fails_gets_retries_and_a_refused_batch_is_parked() {
     hook.sink
         .answer
         .store(200, std::sync::atomic::Ordering::SeqCst);
-    let r = gw
-        .auth(gw.http.post(gw.url("/system/metering/parked/requeue")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    assert_eq!(r.json::<Value>().await.unwrap()["requeued"], 1);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while metric(
-        &gw.metrics().await,
-        "gateway_metering_events_total{stage=\"delivered\"}",
-    ) != Some(2.0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the re-queued batch was never delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let parked: Vec<Value> = gw
-        .get_sys("/system/metering/parked")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(requeue_parked(&gw).await, 1);
+    let never = "the re-queued batch was never delivered";
+    wait_stage(&gw, "delivered", 2, Duration::from_secs(15), never).await;
+    let parked: Vec<Value> = gw.get_json("/system/metering/parked").await;
     assert!(parked.is_empty());
 }
 
@@ -381,38 +366,16 @@ async fn a_refused_batch_bigger_than_a_nats_message_is_parked_whole() {
         "the refused batch was bigger than 1 MiB: {:?}",
         received.iter().map(|r| r.body.len()).collect::<Vec<_>>()
     );
-    let parked: Vec<Value> = gw
-        .get_sys("/system/metering/parked")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let parked: Vec<Value> = gw.get_json("/system/metering/parked").await;
     let events: u64 = parked.iter().filter_map(|p| p["events"].as_u64()).sum();
     assert_eq!(events, N as u64, "{parked:?}");
     // Re-queued once the receiver is fixed: every event delivered.
     hook.sink
         .answer
         .store(200, std::sync::atomic::Ordering::SeqCst);
-    let r = gw
-        .auth(gw.http.post(gw.url("/system/metering/parked/requeue")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(
-        &gw.metrics().await,
-        "gateway_metering_events_total{stage=\"delivered\"}",
-    ) != Some(N as f64)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the re-queued events were not all delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(requeue_parked(&gw).await >= 1);
+    let short = "the re-queued events were not all delivered";
+    wait_stage(&gw, "delivered", N, Duration::from_secs(30), short).await;
     let delivered: Vec<Value> = hook.sink.all()[received.len()..]
         .iter()
         .flat_map(|r| serde_json::from_slice::<Vec<Value>>(&r.body).unwrap())
