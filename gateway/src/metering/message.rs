@@ -36,6 +36,16 @@ pub fn encode(lines: &[Bytes]) -> (Bytes, HeaderMap) {
     (compressed, headers)
 }
 
+/// Headers holding only `headers`' encoding, if any: what a payload moved to another
+/// stream as it is (parked, re-queued) needs so that [`text`] can still read it.
+pub fn encoding_of(headers: Option<&HeaderMap>) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    if let Some(v) = headers.and_then(|h| h.get(ENCODING_HEADER)) {
+        kept.insert(ENCODING_HEADER, v.clone());
+    }
+    kept
+}
+
 /// JSON text LZ4-compressed, with the header [`text`] reads it back by.
 pub fn compress(text: &[u8]) -> (Bytes, HeaderMap) {
     let mut headers = HeaderMap::new();

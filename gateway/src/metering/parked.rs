@@ -73,13 +73,9 @@ pub async fn requeue(js: &jetstream::Context) -> Result<usize, String> {
             continue;
         };
         // A batch goes back as it was parked (compressed: its encoding goes with it).
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(v) = m.headers.get(message::ENCODING_HEADER) {
-            headers.insert(message::ENCODING_HEADER, v.clone());
-        }
         let publish = jetstream::message::PublishMessage::build()
             .payload(m.payload.clone())
-            .headers(headers)
+            .headers(message::encoding_of(Some(&m.headers)))
             .message_id(format!("parked-{seq}"));
         let ack = js
             .send_publish(SUBJECT, publish)

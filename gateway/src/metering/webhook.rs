@@ -300,20 +300,17 @@ impl Fetched {
             Err(e) => {
                 tracing::error!("unreadable usage message: {e}");
                 // Parked as it came (with its encoding, for whoever inspects it).
-                let mut headers = async_nats::HeaderMap::new();
-                if let Some(v) = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(message::ENCODING_HEADER))
-                {
-                    headers.insert(message::ENCODING_HEADER, v.clone());
-                }
+                let headers = message::encoding_of(m.headers.as_ref());
                 let why = format!("unreadable: {e}");
-                if park(js, m.payload.clone(), headers, 0, &why).await {
-                    let _ = m.double_ack().await;
-                } else {
-                    let _ = m.ack_with(AckKind::Nak(Some(PARK_RETRY))).await;
-                }
+                park(
+                    js,
+                    std::slice::from_ref(&m),
+                    m.payload.clone(),
+                    headers,
+                    0,
+                    &why,
+                )
+                .await;
                 None
             }
         }
@@ -399,24 +396,11 @@ async fn deliver(
                     super::flush::PARKED_STREAM
                 );
                 let (payload, headers) = message::compress(&body);
-                if park(js, payload, headers, status, &why).await {
-                    for m in &batch {
-                        let _ = m.double_ack().await;
-                    }
-                    gw.metrics
-                        .metering
-                        .with_label_values(&["parked"])
-                        .inc_by(count as u64);
-                } else {
-                    // Not parked: the messages come back later, nothing is dropped.
-                    for m in &batch {
-                        let _ = m.ack_with(AckKind::Nak(Some(PARK_RETRY))).await;
-                    }
-                    gw.metrics
-                        .metering
-                        .with_label_values(&["park_failed"])
-                        .inc_by(count as u64);
-                }
+                let parked = park(js, &batch, payload, headers, status, &why).await;
+                gw.metrics
+                    .metering
+                    .with_label_values(&[if parked { "parked" } else { "park_failed" }])
+                    .inc_by(count as u64);
                 return;
             }
             Outcome::Failed(why) => {
@@ -482,9 +466,11 @@ const PARK_RETRY: Duration = Duration::from_secs(30);
 
 /// Keeps a refused batch (compressed as the flusher's messages are, so a batch of a
 /// webhook's size fits a NATS message) or an unreadable message in `TALLY_USAGE_PARKED`,
-/// with the answer in its headers. False when it could not be parked.
+/// with the answer in its headers, then acks `messages`. When it cannot be parked they
+/// are not acked but come back after PARK_RETRY (nothing dropped), and this is false.
 async fn park(
     js: &jetstream::Context,
+    messages: &[jetstream::Message],
     payload: Bytes,
     mut headers: async_nats::HeaderMap,
     status: u16,
@@ -502,7 +488,7 @@ async fn park(
             .map_err(|e| e.to_string())?;
         ack.await.map_err(|e| e.to_string())
     };
-    match parked.await {
+    let ok = match parked.await {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(
@@ -510,7 +496,15 @@ async fn park(
             );
             false
         }
+    };
+    for m in messages {
+        let _ = if ok {
+            m.double_ack().await
+        } else {
+            m.ack_with(AckKind::Nak(Some(PARK_RETRY))).await
+        };
     }
+    ok
 }
 
 #[cfg(test)]
