@@ -1,7 +1,13 @@
 //! Records shared by the kernel programs (`agent-ebpf`) and the agent's user space.
-//! Every type is `#[repr(C)]` plain data; `aya::Pod` comes with the `user` feature.
+//! Every type is `#[repr(C)]` plain data; `aya::Pod` comes with the `user` feature, and
+//! the ingest API's binary batch (agent → gateway) with the `wire` feature.
 #![no_std]
 #![deny(unsafe_code)]
+
+#[cfg(feature = "wire")]
+extern crate alloc;
+#[cfg(feature = "wire")]
+pub mod wire;
 
 /// Bytes of each request head copied to user space (enough for the request line and the
 /// headers that carry `X-Call-Id`). A power of two so the kernel side can mask sizes.

@@ -56,6 +56,19 @@ pub struct Config {
     /// Usage events per POST.
     #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
+    /// How batches are encoded: `postcard` (binary, a fraction of JSON's cost on both
+    /// sides) or `json` (for a gateway older than the binary batch).
+    #[arg(long, env = "TALLY_INGEST_FORMAT", value_enum, default_value_t = IngestFormat::Postcard)]
+    pub ingest_format: IngestFormat,
+}
+
+/// The body of `POST /system/usage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IngestFormat {
+    /// [`agent_common::wire`]'s postcard batch.
+    Postcard,
+    /// A JSON array of events.
+    Json,
 }
 
 impl Config {
@@ -77,6 +90,10 @@ mod tests {
         assert_eq!(c.spool_dir, PathBuf::from("/var/lib/tally-agent/spool"));
         assert!(c.cpu_time);
         assert!(!c.bpf_stats);
+        assert_eq!(c.ingest_format, IngestFormat::Postcard);
+        let c = Config::try_parse_from(["agent", "--ingest-format", "json"]).expect("parse");
+        assert_eq!(c.ingest_format, IngestFormat::Json);
+        assert!(Config::try_parse_from(["agent", "--ingest-format", "xml"]).is_err());
         let c = Config::try_parse_from(["agent", "--cpu-time", "false", "--bpf-stats", "true"])
             .expect("parse");
         assert!(!c.cpu_time);

@@ -40,6 +40,27 @@ pub struct UsageEvent {
     pub source: Cow<'static, str>,
 }
 
+impl UsageEvent {
+    /// This event as the ingest API's binary batch carries it, borrowing its strings.
+    pub fn wire(&self) -> agent_common::wire::Usage<'_> {
+        agent_common::wire::Usage {
+            id: Some(Cow::Borrowed(&self.id)),
+            call_id: self.call_id.as_deref().map(Cow::Borrowed),
+            namespace: Cow::Borrowed(&self.namespace),
+            function_name: Cow::Borrowed(&self.function_name),
+            replica: Some(Cow::Borrowed(&self.replica)),
+            started: Cow::Borrowed(&self.started),
+            duration_ns: self.duration_ns,
+            status_code: self.status_code,
+            memory_peak_bytes: self.memory_peak_bytes,
+            memory_limit_bytes: self.memory_limit_bytes,
+            cpu_ns: self.cpu_ns,
+            exit_code: self.exit_code,
+            source: Cow::Borrowed(&self.source),
+        }
+    }
+}
+
 /// [`UsageEvent::source`] of every event the agent makes.
 pub const SOURCE: Cow<'static, str> = Cow::Borrowed("kernel");
 

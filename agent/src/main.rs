@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
             capacity: config.buffer_capacity,
             batch_size: config.batch_size,
             linger: std::time::Duration::from_millis(200),
+            format: config.ingest_format,
         },
         Some(spool),
         metrics.clone(),

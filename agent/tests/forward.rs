@@ -1,5 +1,5 @@
 //! The forwarder against a tiny receiver standing in for the gateway's `/system/usage`:
-//! basic auth, JSON-array batches, an outage (refused, then 503s) that loses nothing, a
+//! basic auth, postcard batches (JSON arrays with `--ingest-format json`), an outage (refused, then 503s) that loses nothing, a
 //! full buffer that drops and counts without a spool, spilling to the spool and sending it
 //! in order (also after a restart), and a full spool that drops its oldest and counts them.
 //! Needs no root.
@@ -15,6 +15,7 @@ use std::{
 
 use agent::{
     auth::Credentials,
+    config::IngestFormat,
     event::UsageEvent,
     forward::{EventSink as _, ForwarderConfig, HttpForwarder, Spool},
     metrics::Metrics,
@@ -27,6 +28,8 @@ use tokio::{net::TcpListener, sync::watch};
 #[derive(Default)]
 struct Received {
     events: Mutex<Vec<UsageEvent>>,
+    /// The content type of each accepted batch.
+    content_types: Mutex<Vec<String>>,
     unauthorized: AtomicUsize,
     /// Answer 503 to this many requests before accepting.
     fail_first: AtomicUsize,
@@ -51,6 +54,12 @@ async fn receiver(listener: TcpListener, got: Arc<Received>, auth: String) {
                         == Some(&auth);
                     let path_ok =
                         req.uri().path() == "/system/usage" && req.method() == hyper::Method::POST;
+                    let content_type = req
+                        .headers()
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
                     let body = req
                         .into_body()
                         .collect()
@@ -66,9 +75,9 @@ async fn receiver(listener: TcpListener, got: Arc<Received>, auth: String) {
                         got.fail_first.fetch_sub(1, Ordering::SeqCst);
                         503
                     } else {
-                        let batch: Vec<UsageEvent> =
-                            serde_json::from_slice(&body).expect("JSON array of events");
+                        let batch = read_batch(&content_type, &body);
                         got.events.lock().expect("lock").extend(batch);
+                        got.content_types.lock().expect("lock").push(content_type);
                         204
                     };
                     Ok::<_, std::convert::Infallible>(
@@ -84,6 +93,32 @@ async fn receiver(listener: TcpListener, got: Arc<Received>, auth: String) {
                 .await;
         });
     }
+}
+
+/// A batch as the gateway reads it: postcard by its content type, else a JSON array.
+fn read_batch(content_type: &str, body: &[u8]) -> Vec<UsageEvent> {
+    if content_type != agent_common::wire::CONTENT_TYPE {
+        return serde_json::from_slice(body).expect("JSON array of events");
+    }
+    let batch = agent_common::wire::decode(body).expect("postcard batch");
+    batch
+        .into_iter()
+        .map(|u| UsageEvent {
+            id: u.id.expect("an id").into_owned(),
+            call_id: u.call_id.map(|c| c.into_owned()),
+            namespace: u.namespace.as_ref().into(),
+            function_name: u.function_name.as_ref().into(),
+            replica: u.replica.expect("a replica").as_ref().into(),
+            started: u.started.into_owned(),
+            duration_ns: u.duration_ns,
+            status_code: u.status_code,
+            memory_peak_bytes: u.memory_peak_bytes,
+            memory_limit_bytes: u.memory_limit_bytes,
+            cpu_ns: u.cpu_ns,
+            exit_code: u.exit_code,
+            source: u.source.into_owned().into(),
+        })
+        .collect()
 }
 
 fn event(i: usize) -> UsageEvent {
@@ -126,7 +161,7 @@ fn start(
     watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 ) {
-    start_spooled(addr, capacity, None, metrics)
+    start_spooled(addr, capacity, None, metrics, IngestFormat::Postcard)
 }
 
 fn start_spooled(
@@ -134,6 +169,7 @@ fn start_spooled(
     capacity: usize,
     spool: Option<Spool>,
     metrics: Arc<Metrics>,
+    format: IngestFormat,
 ) -> (
     HttpForwarder,
     watch::Sender<bool>,
@@ -146,6 +182,7 @@ fn start_spooled(
         capacity,
         batch_size: 50,
         linger: Duration::from_millis(20),
+        format,
     };
     let (sink, task) = HttpForwarder::spawn(config, spool, metrics, stop_rx);
     (sink, stop, task)
@@ -243,6 +280,39 @@ async fn full_buffer_drops_and_counts() {
 }
 
 #[tokio::test]
+async fn batches_are_postcard_or_json_as_configured() {
+    for (format, content_type) in [
+        (IngestFormat::Postcard, agent_common::wire::CONTENT_TYPE),
+        (IngestFormat::Json, "application/json"),
+    ] {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let got = Arc::new(Received::default());
+        tokio::spawn(receiver(listener, got.clone(), creds().header_value()));
+        let (sink, stop, task) = start_spooled(addr, 1000, None, metrics, format);
+        for i in 0..120 {
+            sink.submit(event(i));
+        }
+        wait_for(&got, 120).await;
+        let received = got.events.lock().expect("lock").clone();
+        assert_eq!(
+            received,
+            (0..120).map(event).collect::<Vec<_>>(),
+            "{format:?}"
+        );
+        let types = got.content_types.lock().expect("lock").clone();
+        assert!(types.len() >= 3, "batches of 50: {types:?}");
+        assert!(
+            types.iter().all(|t| t == content_type),
+            "{format:?}: {types:?}"
+        );
+        let _ = stop.send(true);
+        task.await.expect("forwarder task");
+    }
+}
+
+#[tokio::test]
 async fn refused_credentials_drop_the_batch() {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -337,7 +407,13 @@ async fn outage_spills_to_disk_and_a_restart_sends_everything_in_order() {
     // spilled a batch (50) at a time.
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let spool = Spool::open(&dir.0, 1 << 20).expect("open spool");
-    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
+    let (sink, stop, task) = start_spooled(
+        addr,
+        60,
+        Some(spool),
+        metrics.clone(),
+        IngestFormat::Postcard,
+    );
     for i in 0..300 {
         sink.submit(event(i));
     }
@@ -372,7 +448,13 @@ async fn outage_spills_to_disk_and_a_restart_sends_everything_in_order() {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let spool = Spool::open(&dir.0, 1 << 20).expect("reopen spool");
     assert_eq!(spool.events(), 300);
-    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
+    let (sink, stop, task) = start_spooled(
+        addr,
+        60,
+        Some(spool),
+        metrics.clone(),
+        IngestFormat::Postcard,
+    );
     for i in 300..320 {
         sink.submit(event(i));
     }
@@ -419,7 +501,13 @@ async fn full_spool_drops_its_oldest_and_counts_them() {
     let one = serde_json::to_vec(&event(100)).expect("json").len() as u64 + 1;
     // Room for 4 segments of 50 events (the batch size) on disk, 60 events in memory.
     let spool = Spool::open(&dir.0, one * 200 + 100).expect("open spool");
-    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
+    let (sink, stop, task) = start_spooled(
+        addr,
+        60,
+        Some(spool),
+        metrics.clone(),
+        IngestFormat::Postcard,
+    );
     for i in 100..460 {
         sink.submit(event(i));
     }

@@ -544,3 +544,62 @@ async fn usage_ingest_refuses_absurd_events_of_a_readable_batch() {
     let calls: Vec<&str> = kept.iter().filter_map(|e| e["call_id"].as_str()).collect();
     assert_eq!(calls, ["a", "d"]);
 }
+
+#[tokio::test]
+async fn usage_ingest_reads_the_agents_postcard_batches() {
+    use agent_common::wire::{self, Usage};
+    use std::borrow::Cow;
+    let gw = TestGateway::start(&[]);
+    let usage = |call: &'static str, name: &'static str| Usage {
+        id: Some(Cow::Owned(format!("pc-{call}"))),
+        call_id: Some(Cow::Borrowed(call)),
+        namespace: Cow::Borrowed("openfaas-fn"),
+        function_name: Cow::Borrowed(name),
+        replica: Some(Cow::Borrowed("env-abcde")),
+        started: Cow::Borrowed("2026-11-22T10:00:00.123456789Z"),
+        duration_ns: 1_500_000,
+        status_code: 200,
+        memory_peak_bytes: 1 << 20,
+        memory_limit_bytes: Some(128 << 20),
+        cpu_ns: Some(41_000),
+        exit_code: None,
+        source: Cow::Borrowed("kernel"),
+    };
+    let body = wire::encode(&[
+        usage("a", "env"),
+        usage("b", "Not_A_Label"),
+        usage("c", "env"),
+    ])
+    .unwrap();
+    let post = |body: Vec<u8>| {
+        gw.auth(gw.http.post(gw.url("/system/usage")))
+            .header("content-type", wire::CONTENT_TYPE)
+            .body(body)
+            .send()
+    };
+    // A body cut short reads as nothing: 400 naming the format, no event kept.
+    let r = post(body[..body.len() - 5].to_vec()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let why = r.text().await.unwrap();
+    assert!(why.contains(wire::CONTENT_TYPE), "{why}");
+    assert!(gw.usage("function=env").await.is_empty());
+    let r = post(body).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["accepted"], 2, "{answer}");
+    assert_eq!(answer["rejected"][0]["index"], 1, "{answer}");
+    assert!(
+        answer["rejected"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("function_name"),
+        "{answer}"
+    );
+    let kept: Vec<Value> = gw.usage("function=env").await;
+    let calls: Vec<&str> = kept.iter().filter_map(|e| e["call_id"].as_str()).collect();
+    assert_eq!(calls, ["a", "c"]);
+    assert_eq!(kept[0]["id"], "pc-a");
+    assert_eq!(kept[0]["cpu_ns"], 41_000);
+    assert_eq!(kept[0]["memory_limit_bytes"], 128 << 20);
+    assert_eq!(kept[0]["source"], "kernel");
+}

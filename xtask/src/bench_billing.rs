@@ -19,6 +19,8 @@ use crate::{run_cmd, wrk};
 
 /// Events per `/system/usage` POST (what an agent sends at most per batch, roughly).
 pub(crate) const POST_EVENTS: usize = 500;
+/// The content type of a JSON batch.
+pub(crate) const JSON: &str = "application/json";
 const SENDERS: usize = 4;
 
 pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
@@ -111,7 +113,7 @@ fn post_usage(url: &str, auth: &str, rate: u32, seconds: u32) -> Result<u64> {
                 let (mut seq, mut accepted) = (0u64, 0u64);
                 while Instant::now() < deadline {
                     let body = usage_batch(&format!("bench-{t}-{seq}"), &rfc3339_now());
-                    accepted += post_usage_batch(&http, &url, &auth, body)?;
+                    accepted += post_usage_batch(&http, &url, &auth, body.as_bytes(), JSON)?;
                     seq += 1;
                     next += period;
                     if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -147,18 +149,26 @@ pub(crate) fn usage_batch(prefix: &str, started: &str) -> String {
     body
 }
 
-/// POSTs one batch to `/system/usage`; how many events the gateway accepted.
+/// A JSON batch (as [`usage_batch`] writes it) as the agent's postcard batch.
+pub(crate) fn as_postcard(json: &str) -> Result<Vec<u8>> {
+    let batch: Vec<agent_common::wire::Usage<'_>> = serde_json::from_str(json)?;
+    Ok(agent_common::wire::encode(&batch)?)
+}
+
+/// POSTs one batch (`content_type`: JSON or [`agent_common::wire::CONTENT_TYPE`]) to
+/// `/system/usage`; how many events the gateway accepted.
 pub(crate) fn post_usage_batch(
     http: &ureq::Agent,
     url: &str,
     auth: &str,
-    body: String,
+    body: &[u8],
+    content_type: &str,
 ) -> Result<u64> {
     let mut r = http
         .post(&format!("{url}/system/usage"))
         .header("Authorization", auth)
-        .header("Content-Type", "application/json")
-        .send(&body)?;
+        .header("Content-Type", content_type)
+        .send(body)?;
     if r.status() != 200 {
         bail!("POST /system/usage: {}", r.status());
     }

@@ -10,7 +10,7 @@ use crate::bench::{
     Guard, RemoveDir, agent, cpu_ticks, deploy, fresh_data_dir, median, per_request_us,
     release_build, start_gateway_env,
 };
-use crate::bench_billing::{POST_EVENTS, post_usage_batch, usage_batch};
+use crate::bench_billing::{JSON, POST_EVENTS, post_usage_batch, usage_batch};
 use crate::wrk;
 
 /// Concurrent connections: a few calls in flight, as fork-mode functions see.
@@ -112,7 +112,7 @@ pub fn run(seconds: u32, rounds: usize) -> Result<()> {
 fn fill_window(http: &ureq::Agent, url: &str, auth: &str) -> Result<()> {
     for b in 0..WINDOW_EVENTS / POST_EVENTS {
         let body = usage_batch(&format!("fill-{b}"), "2026-11-23T00:00:00.000000000Z");
-        let accepted = post_usage_batch(http, url, auth, body)?;
+        let accepted = post_usage_batch(http, url, auth, body.as_bytes(), JSON)?;
         if accepted != POST_EVENTS as u64 {
             bail!("filling /system/usage: {accepted} of {POST_EVENTS} events accepted");
         }

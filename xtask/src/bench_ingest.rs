@@ -1,8 +1,10 @@
 //! `cargo xtask bench ingest`: the gateway's cost of taking in the node agent's usage
-//! events (`POST /system/usage`, batches as the billing bench builds them): gateway CPU per
-//! event and events/s from one sender, with its `/system/usage` window full as in steady state.
+//! events (`POST /system/usage`, batches as the billing bench builds them), as JSON arrays
+//! and as the agent's postcard batches: gateway CPU per event and events/s from one sender,
+//! with its `/system/usage` window full as in steady state.
 //! `TALLY_BENCH_BASELINE_GATEWAY=PATH` adds another gateway binary (say, the last commit's
-//! release build), measured in the same rounds, order rotated each round.
+//! release build; JSON only, which every gateway reads), measured in the same rounds. The
+//! arms' order rotates each round.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,21 +15,38 @@ use crate::bench::{
     Guard, RemoveDir, agent, cpu_ticks, fresh_data_dir, median, per_request_us, release_build,
     start_gateway,
 };
-use crate::bench_billing::{POST_EVENTS, post_usage_batch, usage_batch};
+use crate::bench_billing::{JSON, POST_EVENTS, as_postcard, post_usage_batch, usage_batch};
 
 /// Events posted before the rounds: the `/system/usage` window (100,000) and then some, so
 /// every measured event also pushes the oldest one out, as in a long-running gateway.
 const WARM_EVENTS: usize = 120_000;
 
-struct Arm {
+/// A gateway under test.
+struct Gateway {
     name: String,
     url: String,
     auth: String,
     pid: u32,
-    cpu_us: Vec<f64>,
-    rate: Vec<f64>,
     _gateway: Guard,
     _data: RemoveDir,
+}
+
+/// One gateway fed one body format.
+struct Arm {
+    gateway: usize,
+    content_type: &'static str,
+    cpu_us: Vec<f64>,
+    rate: Vec<f64>,
+}
+
+impl Arm {
+    fn format(&self) -> &'static str {
+        if self.content_type == JSON {
+            "JSON"
+        } else {
+            "postcard"
+        }
+    }
 }
 
 /// Events posted per arm and round.
@@ -47,6 +66,7 @@ pub fn run(rounds: usize) -> Result<()> {
         }
         bins.push((format!("baseline ({})", path.display()), dir.to_path_buf()));
     }
+    let mut gateways = Vec::new();
     let mut arms = Vec::new();
     for (i, (name, dir)) in bins.into_iter().enumerate() {
         // The data dir holds the function binary the gateway could start: this tree's.
@@ -54,32 +74,44 @@ pub fn run(rounds: usize) -> Result<()> {
         let cgroup = format!("tally-bench-ingest-{i}-{}", std::process::id());
         let extra = ["--autoscaler".to_string(), "off".to_string()];
         let (gateway, url, auth) = start_gateway(&dir, &data, &cgroup, &extra)?;
-        let arm = Arm {
+        let gw = Gateway {
             name,
             pid: gateway.id(),
             url,
             auth,
-            cpu_us: Vec::new(),
-            rate: Vec::new(),
             _gateway: Guard(gateway),
             _data: RemoveDir(data),
         };
-        post(&http, &arm, &batches("warm", WARM_EVENTS))?;
-        arms.push(arm);
+        post(&http, &gw, JSON, &batches("warm", WARM_EVENTS, JSON)?)?;
+        let formats: &[&'static str] = if i == 0 {
+            &[JSON, agent_common::wire::CONTENT_TYPE]
+        } else {
+            &[JSON]
+        };
+        for &content_type in formats {
+            arms.push(Arm {
+                gateway: i,
+                content_type,
+                cpu_us: Vec::new(),
+                rate: Vec::new(),
+            });
+        }
+        gateways.push(gw);
     }
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         let n = arms.len();
         for k in 0..n {
             let arm = &mut arms[(round + k) % n];
+            let gw = &gateways[arm.gateway];
             // Built before the clock starts: the sender must not be what limits the rate.
-            let bodies = batches(&format!("r{round}"), events);
-            let before = cpu_ticks(arm.pid)?;
+            let bodies = batches(&format!("r{round}"), events, arm.content_type)?;
+            let before = cpu_ticks(gw.pid)?;
             let start = Instant::now();
-            let posted = post(&http, arm, &bodies)?;
+            let posted = post(&http, gw, arm.content_type, &bodies)?;
             let secs = start.elapsed().as_secs_f64();
             arm.cpu_us
-                .push(per_request_us(cpu_ticks(arm.pid)? - before, posted));
+                .push(per_request_us(cpu_ticks(gw.pid)? - before, posted));
             arm.rate.push(posted as f64 / secs);
         }
     }
@@ -89,38 +121,50 @@ pub fn run(rounds: usize) -> Result<()> {
     println!("|---|---|---|");
     for arm in &arms {
         println!(
-            "| {} | {:.2} µs | {:.0} |",
-            arm.name,
+            "| {}, {} | {:.2} µs | {:.0} |",
+            gateways[arm.gateway].name,
+            arm.format(),
             median(&mut arm.cpu_us.clone()),
             median(&mut arm.rate.clone())
         );
     }
-    if let [new, base] = &arms[..] {
-        println!();
+    println!();
+    let mid = |a: &Arm| median(&mut a.cpu_us.clone());
+    for arm in &arms[1..] {
         println!(
-            "CPU per event, this tree / baseline: {:.0}%; rounds (µs): this tree {:?}, baseline {:?}",
-            100.0 * median(&mut new.cpu_us.clone()) / median(&mut base.cpu_us.clone()),
-            new.cpu_us,
-            base.cpu_us
+            "CPU per event, {}, {} / this tree, JSON: {:.0}%; rounds (µs): {:?} vs {:?}",
+            gateways[arm.gateway].name,
+            arm.format(),
+            100.0 * mid(arm) / mid(&arms[0]),
+            arm.cpu_us,
+            arms[0].cpu_us
         );
     }
     Ok(())
 }
 
-/// `events` usage events (rounded up to whole batches), ids `TAG-BATCH-N`.
-fn batches(tag: &str, events: usize) -> Vec<String> {
+/// `events` usage events (rounded up to whole batches), ids `TAG-BATCH-N`, as bodies of
+/// `content_type`.
+fn batches(tag: &str, events: usize, content_type: &str) -> Result<Vec<Vec<u8>>> {
     (0..events.div_ceil(POST_EVENTS))
-        .map(|b| usage_batch(&format!("{tag}-{b}"), "2026-11-23T00:00:00.000000000Z"))
+        .map(|b| {
+            let json = usage_batch(&format!("{tag}-{b}"), "2026-11-23T00:00:00.000000000Z");
+            if content_type == JSON {
+                Ok(json.into_bytes())
+            } else {
+                as_postcard(&json)
+            }
+        })
         .collect()
 }
 
-/// Posts the batches to the arm's gateway; how many events it took.
-fn post(http: &ureq::Agent, arm: &Arm, bodies: &[String]) -> Result<u64> {
+/// Posts the batches to the gateway; how many events it took.
+fn post(http: &ureq::Agent, gw: &Gateway, content_type: &str, bodies: &[Vec<u8>]) -> Result<u64> {
     let mut accepted = 0;
     for body in bodies {
-        let n = post_usage_batch(http, &arm.url, &arm.auth, body.clone())?;
+        let n = post_usage_batch(http, &gw.url, &gw.auth, body, content_type)?;
         if n != POST_EVENTS as u64 {
-            bail!("{}: {n} of {POST_EVENTS} events accepted", arm.name);
+            bail!("{}: {n} of {POST_EVENTS} events accepted", gw.name);
         }
         accepted += n;
     }

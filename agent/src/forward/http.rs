@@ -19,7 +19,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{EventSink, Retry, Spool, decide};
-use crate::{auth::Credentials, event::UsageEvent, metrics::Metrics};
+use crate::{auth::Credentials, config::IngestFormat, event::UsageEvent, metrics::Metrics};
 
 /// How long a stopping agent keeps sending before it spools what is left.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -34,6 +34,8 @@ pub struct ForwarderConfig {
     pub batch_size: usize,
     /// Longest wait before a partial batch is sent.
     pub linger: Duration,
+    /// How each batch is encoded.
+    pub format: IngestFormat,
 }
 
 /// Where the batch being sent came from.
@@ -267,7 +269,14 @@ impl HttpForwarder {
                 tokio::time::sleep(config.linger).await;
                 continue;
             };
-            let status = post(&client, &url, config.credentials.as_ref(), batch).await;
+            let status = post(
+                &client,
+                &url,
+                config.credentials.as_ref(),
+                config.format,
+                batch,
+            )
+            .await;
             match decide(status, attempt) {
                 Retry::Done => {
                     attempt = 0;
@@ -301,15 +310,28 @@ impl HttpForwarder {
     }
 }
 
+/// A batch as a request body and its content type.
+fn encode(format: IngestFormat, batch: &[UsageEvent]) -> Option<(Vec<u8>, &'static str)> {
+    match format {
+        IngestFormat::Postcard => {
+            let wire: Vec<_> = batch.iter().map(UsageEvent::wire).collect();
+            let body = agent_common::wire::encode(&wire).ok()?;
+            Some((body, agent_common::wire::CONTENT_TYPE))
+        }
+        IngestFormat::Json => Some((serde_json::to_vec(batch).ok()?, "application/json")),
+    }
+}
+
 /// One POST; the response status, or `None` if none came within 10 s.
 async fn post(
     client: &HttpClient,
     url: &str,
     credentials: Option<&Credentials>,
+    format: IngestFormat,
     batch: &[UsageEvent],
 ) -> Option<u16> {
-    let body = serde_json::to_vec(batch).ok()?;
-    let mut req = Request::post(url).header(hyper::header::CONTENT_TYPE, "application/json");
+    let (body, content_type) = encode(format, batch)?;
+    let mut req = Request::post(url).header(hyper::header::CONTENT_TYPE, content_type);
     if let Some(c) = credentials {
         req = req.header(hyper::header::AUTHORIZATION, c.header_value());
     }

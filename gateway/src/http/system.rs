@@ -317,31 +317,43 @@ fn logs(gw: &Gateway, query: &Query) -> Result<Response<Body>, GatewayError> {
     Ok(r)
 }
 
-/// `POST /system/usage`: a JSON array of events from the node agent. Valid events are
-/// kept, invalid ones counted and reported by index; the batch as a whole is accepted.
+/// `POST /system/usage`: a JSON array of events from the node agent, or the same as a
+/// postcard batch (`Content-Type: application/x-tally-usage+postcard`, what the agent
+/// sends). Valid events are kept, invalid ones counted and reported by index; the batch as
+/// a whole is accepted.
 async fn ingest_usage(
     gw: &Gateway,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
+    let postcard = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == agent_common::wire::CONTENT_TYPE.as_bytes());
     let bytes = read_limited(req.into_body(), 16 << 20, gw.config.read_timeout).await?;
     let mut rejected = Vec::new();
     let mut refuse = |i: usize, why: String| {
         tracing::warn!(index = i, "usage event refused: {why}");
         rejected.push(serde_json::json!({"index": i, "error": why}));
     };
-    // The whole batch in one pass when every event reads (the agent's batches), checked in
-    // place; otherwise each event on its own, so one unreadable event is refused and named
-    // without refusing the rest of its batch.
-    let accepted = match crate::metering::ingest::parse_batch(&bytes) {
-        Some(mut events) => {
-            // An event that reads can still be absurd (a duration of a year, say).
-            let mut i = 0;
-            events.retain(|e| {
-                i += 1;
-                e.problem().map(|why| refuse(i - 1, why)).is_none()
-            });
-            events
-        }
+    // An event that reads can still be absurd (a duration of a year, say): checked in place.
+    let mut checked = |mut events: Vec<crate::metering::UsageEvent>| {
+        let mut i = 0;
+        events.retain(|e| {
+            i += 1;
+            e.problem().map(|why| refuse(i - 1, why)).is_none()
+        });
+        events
+    };
+    // The whole batch in one pass when every event reads (the agent's batches); otherwise
+    // each JSON event on its own, so one unreadable event is refused and named without
+    // refusing the rest of its batch. A postcard batch reads whole or not at all.
+    let parsed = if postcard {
+        Some(crate::metering::ingest::decode_batch(&bytes).map_err(GatewayError::BadRequest)?)
+    } else {
+        crate::metering::ingest::parse_batch(&bytes)
+    };
+    let accepted = match parsed {
+        Some(events) => checked(events),
         None => {
             let raws = parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?;
             let mut accepted = Vec::with_capacity(raws.len());

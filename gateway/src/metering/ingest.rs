@@ -139,6 +139,37 @@ pub fn parse_batch(body: &[u8]) -> Option<Vec<UsageEvent>> {
     Some(events)
 }
 
+/// A postcard batch (the agent's binary form, [`agent_common::wire`]) as events, or why it
+/// does not read. `source` is shared when it is `"kernel"`, as with JSON.
+pub fn decode_batch(body: &[u8]) -> Result<Vec<UsageEvent>, String> {
+    let batch = agent_common::wire::decode(body)
+        .map_err(|e| format!("invalid {} body: {e}", agent_common::wire::CONTENT_TYPE))?;
+    Ok(batch.into_iter().map(UsageEvent::from).collect())
+}
+
+impl From<agent_common::wire::Usage<'_>> for UsageEvent {
+    fn from(u: agent_common::wire::Usage<'_>) -> Self {
+        Self {
+            id: u.id.map(Cow::into_owned),
+            call_id: u.call_id.map(Cow::into_owned),
+            namespace: u.namespace.into_owned(),
+            function_name: u.function_name.into_owned(),
+            replica: u.replica.map(Cow::into_owned),
+            started: u.started.into_owned(),
+            duration_ns: u.duration_ns,
+            status_code: u.status_code,
+            memory_peak_bytes: u.memory_peak_bytes,
+            memory_limit_bytes: u.memory_limit_bytes,
+            cpu_ns: u.cpu_ns,
+            exit_code: u.exit_code,
+            source: match u.source {
+                Cow::Borrowed("kernel") => Cow::Borrowed("kernel"),
+                other => Cow::Owned(other.into_owned()),
+            },
+        }
+    }
+}
+
 /// The latest events, oldest dropped first.
 #[derive(Default)]
 pub struct Recent {
@@ -221,6 +252,35 @@ mod tests {
         assert_eq!(parse_batch(format!("[{one}] trailing").as_bytes()), None);
         assert_eq!(parse_batch(b"{\"not\":\"a list\"}"), None);
         assert_eq!(parse_batch(&[b'[', 0xff, b']']), None);
+    }
+
+    #[test]
+    fn a_postcard_batch_reads_as_the_same_events() {
+        use agent_common::wire;
+        fn as_wire(e: &UsageEvent) -> wire::Usage<'_> {
+            wire::Usage {
+                id: e.id.as_deref().map(Cow::Borrowed),
+                call_id: e.call_id.as_deref().map(Cow::Borrowed),
+                namespace: Cow::Borrowed(&e.namespace),
+                function_name: Cow::Borrowed(&e.function_name),
+                replica: e.replica.as_deref().map(Cow::Borrowed),
+                started: Cow::Borrowed(&e.started),
+                duration_ns: e.duration_ns,
+                status_code: e.status_code,
+                memory_peak_bytes: e.memory_peak_bytes,
+                memory_limit_bytes: e.memory_limit_bytes,
+                cpu_ns: e.cpu_ns,
+                exit_code: e.exit_code,
+                source: Cow::Borrowed(&e.source),
+            }
+        }
+        let e = event();
+        let body = wire::encode(&[as_wire(&e), as_wire(&e)]).unwrap();
+        let read = decode_batch(&body).unwrap();
+        assert_eq!(read, vec![e.clone(), e]);
+        assert!(matches!(read[0].source, Cow::Borrowed(_)));
+        let why = decode_batch(&body[..body.len() - 3]).unwrap_err();
+        assert!(why.contains(wire::CONTENT_TYPE), "{why}");
     }
 
     #[test]

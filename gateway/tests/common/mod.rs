@@ -218,7 +218,8 @@ impl TestGateway {
             .unwrap()
     }
 
-    /// `POST /system/usage` with `events` (as the node agent sends them).
+    /// `POST /system/usage` with `events` as a JSON array (as an agent with
+    /// `--ingest-format json` sends them).
     pub async fn post_usage(&self, events: &Value) -> reqwest::Response {
         self.auth(self.http.post(self.url("/system/usage")))
             .json(events)
