@@ -1,11 +1,14 @@
 //! Records shared by the kernel programs (`agent-ebpf`) and the agent's user space.
 //! Every type is `#[repr(C)]` plain data; `aya::Pod` comes with the `user` feature, and
-//! the ingest API's binary batch (agent → gateway) with the `wire` feature.
+//! the usage event's shared forms (the ingest API's binary batch, agent → gateway, and its
+//! RFC 3339 times) with the `wire` feature.
 #![no_std]
 #![deny(unsafe_code)]
 
 #[cfg(feature = "wire")]
 extern crate alloc;
+#[cfg(feature = "wire")]
+pub mod rfc3339;
 #[cfg(feature = "wire")]
 pub mod wire;
 

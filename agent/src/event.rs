@@ -66,5 +66,9 @@ pub const SOURCE: Cow<'static, str> = Cow::Borrowed("kernel");
 
 /// A fresh event id: a random (v4) UUID.
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    let mut buf = uuid::Uuid::encode_buffer();
+    uuid::Uuid::new_v4()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }

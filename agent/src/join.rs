@@ -97,9 +97,15 @@ impl Joiner {
     }
 
     fn rfc3339(&self, mono_ns: u64) -> String {
-        let ns = mono_ns as i128 + self.clock_offset;
-        let t = DateTime::<Utc>::from_timestamp_nanos(ns.clamp(0, i64::MAX as i128) as i64);
-        t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+        let ns = (mono_ns as i128 + self.clock_offset).clamp(0, i64::MAX as i128) as i64;
+        match agent_common::rfc3339::Rfc3339::from_unix(
+            (ns / 1_000_000_000) as u64,
+            (ns % 1_000_000_000) as u32,
+        ) {
+            Some(fast) => fast.as_str().to_owned(),
+            None => DateTime::<Utc>::from_timestamp_nanos(ns)
+                .to_rfc3339_opts(SecondsFormat::Nanos, true),
+        }
     }
 
     /// A fork-mode process exited.

@@ -196,59 +196,19 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// RFC3339 in UTC with nanoseconds (`2026-11-23T03:02:01.123456789Z`), as chrono's
-/// `to_rfc3339_opts(Nanos, true)` writes it, into a stack buffer.
-pub struct Rfc3339 {
-    buf: [u8; 30],
-}
+/// RFC3339 in UTC with nanoseconds, formatted without `fmt` (shared with the agent).
+pub struct Rfc3339(agent_common::rfc3339::Rfc3339);
 
 impl Rfc3339 {
     /// `None` before 1970 or after 9999, which the caller formats the slow way.
     pub fn new(t: std::time::SystemTime) -> Option<Self> {
         let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
-        let secs = since.as_secs();
-        let days = i64::try_from(secs / 86_400).ok()?;
-        let rem = secs % 86_400;
-        let (year, month, day) = civil_from_days(days);
-        if year > 9999 {
-            return None;
-        }
-        let mut buf = *b"0000-00-00T00:00:00.000000000Z";
-        let mut put = |at: usize, width: usize, mut v: u64| {
-            for i in (at..at + width).rev() {
-                buf[i] = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        };
-        put(0, 4, year as u64);
-        put(5, 2, u64::from(month));
-        put(8, 2, u64::from(day));
-        put(11, 2, rem / 3600);
-        put(14, 2, rem % 3600 / 60);
-        put(17, 2, rem % 60);
-        put(20, 9, u64::from(since.subsec_nanos()));
-        Some(Self { buf })
+        agent_common::rfc3339::Rfc3339::from_unix(since.as_secs(), since.subsec_nanos()).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
-        // Only ASCII digits and separators are ever written.
-        std::str::from_utf8(&self.buf).unwrap_or_default()
+        self.0.as_str()
     }
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -308,35 +268,21 @@ mod tests {
     }
 
     #[test]
+    fn times_before_1970_are_left_to_the_slow_way() {
+        use std::time::{Duration, UNIX_EPOCH};
+        assert!(Rfc3339::new(UNIX_EPOCH - Duration::from_secs(1)).is_none());
+        let t = UNIX_EPOCH + Duration::new(951_782_400, 7);
+        assert_eq!(
+            Rfc3339::new(t).expect("in range").as_str(),
+            "2000-02-29T00:00:00.000000007Z"
+        );
+    }
+
+    #[test]
     fn a_line_turns_back_into_its_event() {
         for i in 0..64 {
             let event = sample(i);
             assert_eq!(event.as_line().to_event(), event);
         }
-    }
-
-    #[test]
-    fn timestamps_are_formatted_as_chrono_formats_them() {
-        use std::time::{Duration, UNIX_EPOCH};
-        let mut t = 0u64;
-        for i in 0..20_000u64 {
-            // Spread over 1970..2500, leap days and month ends included.
-            t = t
-                .wrapping_add(0x2545_f491_4f6c_dd1d)
-                .wrapping_mul(6364136223846793005);
-            let secs = match i {
-                0 => 0,
-                1 => 951_782_400,   // 2000-02-29
-                2 => 4_107_542_399, // 2100-02-28T23:59:59
-                _ => t % 16_725_225_600,
-            };
-            let at = UNIX_EPOCH + Duration::new(secs, (t % 1_000_000_000) as u32);
-            let ours = Rfc3339::new(at).expect("in range");
-            let theirs = chrono::DateTime::<chrono::Utc>::from(at)
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-            assert_eq!(ours.as_str(), theirs, "{secs}");
-        }
-        assert!(Rfc3339::new(UNIX_EPOCH - Duration::from_secs(1)).is_none());
-        assert!(Rfc3339::new(UNIX_EPOCH + Duration::from_secs(253_402_300_800)).is_none());
     }
 }
