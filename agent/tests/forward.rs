@@ -161,10 +161,23 @@ fn start(
     watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 ) {
-    start_spooled(addr, capacity, None, metrics, IngestFormat::Postcard)
+    start_spooled(addr, capacity, None, metrics)
 }
 
 fn start_spooled(
+    addr: SocketAddr,
+    capacity: usize,
+    spool: Option<Spool>,
+    metrics: Arc<Metrics>,
+) -> (
+    HttpForwarder,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    start_formatted(addr, capacity, spool, metrics, IngestFormat::Postcard)
+}
+
+fn start_formatted(
     addr: SocketAddr,
     capacity: usize,
     spool: Option<Spool>,
@@ -290,7 +303,7 @@ async fn batches_are_postcard_or_json_as_configured() {
         let addr = listener.local_addr().expect("addr");
         let got = Arc::new(Received::default());
         tokio::spawn(receiver(listener, got.clone(), creds().header_value()));
-        let (sink, stop, task) = start_spooled(addr, 1000, None, metrics, format);
+        let (sink, stop, task) = start_formatted(addr, 1000, None, metrics, format);
         for i in 0..120 {
             sink.submit(event(i));
         }
@@ -407,13 +420,7 @@ async fn outage_spills_to_disk_and_a_restart_sends_everything_in_order() {
     // spilled a batch (50) at a time.
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let spool = Spool::open(&dir.0, 1 << 20).expect("open spool");
-    let (sink, stop, task) = start_spooled(
-        addr,
-        60,
-        Some(spool),
-        metrics.clone(),
-        IngestFormat::Postcard,
-    );
+    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
     for i in 0..300 {
         sink.submit(event(i));
     }
@@ -448,13 +455,7 @@ async fn outage_spills_to_disk_and_a_restart_sends_everything_in_order() {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let spool = Spool::open(&dir.0, 1 << 20).expect("reopen spool");
     assert_eq!(spool.events(), 300);
-    let (sink, stop, task) = start_spooled(
-        addr,
-        60,
-        Some(spool),
-        metrics.clone(),
-        IngestFormat::Postcard,
-    );
+    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
     for i in 300..320 {
         sink.submit(event(i));
     }
@@ -501,13 +502,7 @@ async fn full_spool_drops_its_oldest_and_counts_them() {
     let one = serde_json::to_vec(&event(100)).expect("json").len() as u64 + 1;
     // Room for 4 segments of 50 events (the batch size) on disk, 60 events in memory.
     let spool = Spool::open(&dir.0, one * 200 + 100).expect("open spool");
-    let (sink, stop, task) = start_spooled(
-        addr,
-        60,
-        Some(spool),
-        metrics.clone(),
-        IngestFormat::Postcard,
-    );
+    let (sink, stop, task) = start_spooled(addr, 60, Some(spool), metrics.clone());
     for i in 100..460 {
         sink.submit(event(i));
     }
