@@ -573,7 +573,7 @@ async fn usage_ingest_reads_the_agents_postcard_batches() {
     .unwrap();
     let post = |body: Vec<u8>| {
         gw.auth(gw.http.post(gw.url("/system/usage")))
-            .header("content-type", wire::CONTENT_TYPE)
+            .header("content-type", format!("{}; v=1", wire::CONTENT_TYPE))
             .body(body)
             .send()
     };

@@ -325,10 +325,16 @@ async fn ingest_usage(
     gw: &Gateway,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
+    // The media type without its parameters, in any case.
     let postcard = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes() == agent_common::wire::CONTENT_TYPE.as_bytes());
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case(agent_common::wire::CONTENT_TYPE)
+        });
     let bytes = read_limited(req.into_body(), 16 << 20, gw.config.read_timeout).await?;
     let mut rejected = Vec::new();
     let mut refuse = |i: usize, why: String| {
