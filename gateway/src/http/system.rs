@@ -346,7 +346,9 @@ async fn ingest_usage(
     // What the window keeps and what metering (when on) takes: valid events only. An event
     // that reads can still be absurd (a duration of a year, say).
     let (kept, metered): (Vec<Kept>, Vec<UsageEvent>) = if postcard {
-        // A postcard batch reads whole or not at all; its events are kept as their bytes.
+        // A postcard batch reads whole or not at all; its events are kept as their bytes, in
+        // a buffer of the body's own size (the body as read may share a larger one).
+        let bytes = Bytes::copy_from_slice(&bytes);
         let batch = decode_batch(&bytes).map_err(GatewayError::BadRequest)?;
         let mut kept = Vec::with_capacity(batch.len());
         let mut metered = Vec::new();
