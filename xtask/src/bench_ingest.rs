@@ -3,8 +3,8 @@
 //! and as the agent's postcard batches: gateway CPU per event and events/s from one sender,
 //! with its `/system/usage` window full as in steady state.
 //! `TALLY_BENCH_BASELINE_GATEWAY=PATH` adds another gateway binary (say, the last commit's
-//! release build; JSON only, which every gateway reads), measured in the same rounds. The
-//! arms' order rotates each round.
+//! release build; postcard only if it reads it), measured in the same rounds. The arms'
+//! order rotates each round.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -83,8 +83,11 @@ pub fn run(rounds: usize) -> Result<()> {
             _data: RemoveDir(data),
         };
         post(&http, &gw, JSON, &batches("warm", WARM_EVENTS, JSON)?)?;
-        let formats: &[&'static str] = if i == 0 {
-            &[JSON, agent_common::wire::CONTENT_TYPE]
+        // Postcard too where the gateway reads it (a baseline may be older than it).
+        let postcard = agent_common::wire::CONTENT_TYPE;
+        let reads_postcard = post(&http, &gw, postcard, &batches("probe", 1, postcard)?).is_ok();
+        let formats: &[&'static str] = if reads_postcard {
+            &[JSON, postcard]
         } else {
             &[JSON]
         };
@@ -130,14 +133,23 @@ pub fn run(rounds: usize) -> Result<()> {
     }
     println!();
     let mid = |a: &Arm| median(&mut a.cpu_us.clone());
-    for arm in &arms[1..] {
+    // Each arm against this tree's arm of the same format, and this tree's postcard against
+    // its JSON.
+    for (k, arm) in arms.iter().enumerate().skip(1) {
+        let base = arms
+            .iter()
+            .position(|a| a.gateway == 0 && a.content_type == arm.content_type)
+            .filter(|b| *b != k)
+            .unwrap_or(0);
         println!(
-            "CPU per event, {}, {} / this tree, JSON: {:.0}%; rounds (µs): {:?} vs {:?}",
+            "CPU per event, {}, {} / {}, {}: {:.0}%; rounds (µs): {:?} vs {:?}",
             gateways[arm.gateway].name,
             arm.format(),
-            100.0 * mid(arm) / mid(&arms[0]),
+            gateways[arms[base].gateway].name,
+            arms[base].format(),
+            100.0 * mid(arm) / mid(&arms[base]),
             arm.cpu_us,
-            arms[0].cpu_us
+            arms[base].cpu_us
         );
     }
     Ok(())

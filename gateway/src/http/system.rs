@@ -391,7 +391,10 @@ async fn ingest_usage(
                 accepted
             }
         };
-        (events.iter().filter_map(Kept::of).collect(), events)
+        match meter {
+            Some(_) => (events.iter().cloned().map(Kept::Parsed).collect(), events),
+            None => (events.into_iter().map(Kept::Parsed).collect(), Vec::new()),
+        }
     };
     gw.metrics.usage_rejected.inc_by(rejected.len() as u64);
     gw.metrics

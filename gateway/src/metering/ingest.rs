@@ -169,7 +169,7 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<(Usage<'_>, Kept)>, String> {
         wire::decode_each(body).map_err(|e| format!("invalid {} body: {e}", wire::CONTENT_TYPE))?;
     Ok(each
         .into_iter()
-        .map(|(usage, at)| (usage, Kept(body.slice(at))))
+        .map(|(usage, at)| (usage, Kept::Wire(body.slice(at))))
         .collect())
 }
 
@@ -196,24 +196,23 @@ impl From<Usage<'_>> for UsageEvent {
     }
 }
 
-/// An accepted event as the window keeps it: its postcard bytes. For a postcard batch
-/// they are a slice of the request's body, shared by the batch's events (no copy, no
-/// allocation per event; the body goes when its last event leaves the window).
+/// An accepted event as the window keeps it. From a postcard batch, its bytes: a slice of
+/// the request's body, shared by the batch's events (no copy, no allocation per event; the
+/// body goes when its last event leaves the window). From JSON, the event as parsed.
 #[derive(Clone, Debug)]
-pub struct Kept(Bytes);
+pub enum Kept {
+    Wire(Bytes),
+    Parsed(UsageEvent),
+}
 
 impl Kept {
-    /// A JSON-ingested event, written in the binary form.
-    pub fn of(e: &UsageEvent) -> Option<Self> {
-        wire::encode_one(&e.wire())
-            .ok()
-            .map(|b| Self(Bytes::from(b)))
-    }
-
-    /// The event, borrowed (`None` only if the bytes were not written by [`wire`], which
-    /// cannot happen: every `Kept` is a decoded event's bytes or an encoded event).
+    /// The event, borrowed (`None` only for bytes [`wire`] did not write, which a `Wire`
+    /// never holds: it is a decoded event's bytes).
     pub fn usage(&self) -> Option<Usage<'_>> {
-        wire::decode_one(&self.0).ok()
+        match self {
+            Self::Wire(bytes) => wire::decode_one(bytes).ok(),
+            Self::Parsed(e) => Some(e.wire()),
+        }
     }
 }
 
@@ -336,14 +335,31 @@ mod tests {
                 ..event()
             })
             .collect();
-        r.push(events.iter().map(|e| Kept::of(e).unwrap()));
+        r.push(events.iter().cloned().map(Kept::Parsed));
         assert_eq!(r.query(|_| true, 2), events[3..]);
         assert_eq!(r.query(|_| true, 10), events);
         assert_eq!(
             r.query(|e| e.call_id.as_deref() == Some("c1"), 10),
             events[1..2]
         );
-        r.push((0..RECENT_CAPACITY).map(|_| Kept::of(&event()).unwrap()));
+        // A postcard batch's events are kept as their bytes, and read back the same.
+        let wired: Vec<UsageEvent> = ["w0", "w1"]
+            .map(|c| UsageEvent {
+                call_id: Some(c.into()),
+                ..event()
+            })
+            .into();
+        let body = Bytes::from(wire::encode(&[wired[0].wire(), wired[1].wire()]).unwrap());
+        r.push(decode_batch(&body).unwrap().into_iter().map(|(_, k)| k));
+        assert_eq!(
+            r.query(|e| e.call_id.as_deref() == Some("w1"), 10),
+            wired[1..]
+        );
+        assert_eq!(
+            r.query(|_| true, 3),
+            [events[4].clone(), wired[0].clone(), wired[1].clone()]
+        );
+        r.push((0..RECENT_CAPACITY).map(|_| Kept::Parsed(event())));
         assert!(
             r.query(|e| e.call_id.as_deref() == Some("c4"), 10)
                 .is_empty(),
