@@ -3,7 +3,6 @@
 //! Same fields as the JSON event, decoded with the strings borrowed from the body.
 
 use alloc::{borrow::Cow, vec::Vec};
-use core::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -53,35 +52,6 @@ pub fn decode(body: &[u8]) -> Result<Vec<Usage<'_>>, postcard::Error> {
     }
 }
 
-/// Each event of a batch, borrowed, with where its own bytes lie in `body` (they decode
-/// alone with [`decode_one`]: a receiver can keep an event's bytes instead of its copy).
-#[allow(clippy::type_complexity)]
-pub fn decode_each(body: &[u8]) -> Result<Vec<(Usage<'_>, Range<usize>)>, postcard::Error> {
-    // A sequence is its length (a varint, as a u64 is written) and then its elements.
-    let (n, mut rest): (u64, &[u8]) = postcard::take_from_bytes(body)?;
-    // Every event takes more than 8 bytes: a length beyond that is a lie, not a reservation.
-    let n = usize::try_from(n)
-        .ok()
-        .filter(|n| *n <= rest.len() / 8)
-        .ok_or(postcard::Error::DeserializeBadEncoding)?;
-    let mut events = Vec::with_capacity(n);
-    for _ in 0..n {
-        let at = body.len() - rest.len();
-        let (usage, after): (Usage<'_>, &[u8]) = postcard::take_from_bytes(rest)?;
-        events.push((usage, at..body.len() - after.len()));
-        rest = after;
-    }
-    if !rest.is_empty() {
-        return Err(postcard::Error::DeserializeUnexpectedEnd);
-    }
-    Ok(events)
-}
-
-/// One event's bytes (as [`decode_each`] located them), borrowed.
-pub fn decode_one(bytes: &[u8]) -> Result<Usage<'_>, postcard::Error> {
-    postcard::from_bytes(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,26 +82,6 @@ mod tests {
         assert_eq!(read, batch);
         assert!(matches!(read[0].namespace, Cow::Borrowed(_)), "not copied");
         assert_eq!(decode(&encode(&[]).unwrap()).unwrap(), []);
-    }
-
-    #[test]
-    fn each_event_is_located_and_decodes_alone() {
-        let batch: Vec<Usage<'_>> = (0..5).map(usage).collect();
-        let body = encode(&batch).unwrap();
-        let each = decode_each(&body).unwrap();
-        assert_eq!(each.len(), 5);
-        for ((read, at), sent) in each.iter().zip(&batch) {
-            assert_eq!(read, sent);
-            assert_eq!(&decode_one(&body[at.clone()]).unwrap(), sent);
-        }
-        assert!(decode_each(&body[..body.len() - 1]).is_err());
-        let mut longer = body.clone();
-        longer.push(0);
-        assert!(decode_each(&longer).is_err());
-        // A length of a billion events in a few bytes is refused before anything is reserved.
-        let lie = postcard::to_allocvec(&1_000_000_000u64).unwrap();
-        assert!(decode_each(&lie).is_err());
-        assert_eq!(decode_each(&encode(&[]).unwrap()).unwrap(), []);
     }
 
     #[test]

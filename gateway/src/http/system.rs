@@ -325,7 +325,6 @@ async fn ingest_usage(
     gw: &Gateway,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
-    use crate::metering::ingest::{self, Kept, UsageEvent, decode_batch};
     // The media type without its parameters, in any case.
     let postcard = req
         .headers()
@@ -342,70 +341,50 @@ async fn ingest_usage(
         tracing::warn!(index = i, "usage event refused: {why}");
         rejected.push(serde_json::json!({"index": i, "error": why}));
     };
-    let meter = gw.meter.get();
-    // What the window keeps and what metering (when on) takes: valid events only. An event
-    // that reads can still be absurd (a duration of a year, say).
-    let (kept, metered): (Vec<Kept>, Vec<UsageEvent>) = if postcard {
-        // A postcard batch reads whole or not at all; its events are kept as their bytes, in
-        // a buffer of the body's own size (the body as read may share a larger one).
-        let bytes = Bytes::copy_from_slice(&bytes);
-        let batch = decode_batch(&bytes).map_err(GatewayError::BadRequest)?;
-        let mut kept = Vec::with_capacity(batch.len());
-        let mut metered = Vec::new();
-        for (i, (usage, bytes)) in batch.into_iter().enumerate() {
-            match ingest::problem(&usage) {
-                Some(why) => refuse(i, why),
-                None => {
-                    if meter.is_some() {
-                        metered.push(usage.into());
-                    }
-                    kept.push(bytes);
-                }
-            }
-        }
-        (kept, metered)
+    // An event that reads can still be absurd (a duration of a year, say): checked in place.
+    let mut checked = |mut events: Vec<crate::metering::UsageEvent>| {
+        let mut i = 0;
+        events.retain(|e| {
+            i += 1;
+            e.problem().map(|why| refuse(i - 1, why)).is_none()
+        });
+        events
+    };
+    // The whole batch in one pass when every event reads (the agent's batches); otherwise
+    // each JSON event on its own, so one unreadable event is refused and named without
+    // refusing the rest of its batch. A postcard batch reads whole or not at all.
+    let parsed = if postcard {
+        Some(crate::metering::ingest::decode_batch(&bytes).map_err(GatewayError::BadRequest)?)
     } else {
-        // The whole batch in one pass when every event reads; otherwise each event on its
-        // own, so one unreadable event is refused and named without refusing the rest.
-        let events = match ingest::parse_batch(&bytes) {
-            Some(mut events) => {
-                let mut i = 0;
-                events.retain(|e| {
-                    i += 1;
-                    e.problem().map(|why| refuse(i - 1, why)).is_none()
-                });
-                events
-            }
-            None => {
-                let raws = parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?;
-                let mut accepted = Vec::with_capacity(raws.len());
-                for (i, raw) in raws.iter().enumerate() {
-                    match parse_json::<UsageEvent>(raw.get().as_bytes())
-                        .map_err(|e| e.to_string())
-                        .and_then(|e| e.problem().map_or(Ok(e), Err))
-                    {
-                        Ok(e) => accepted.push(e),
-                        Err(why) => refuse(i, why),
-                    }
+        crate::metering::ingest::parse_batch(&bytes)
+    };
+    let accepted = match parsed {
+        Some(events) => checked(events),
+        None => {
+            let raws = parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?;
+            let mut accepted = Vec::with_capacity(raws.len());
+            for (i, raw) in raws.iter().enumerate() {
+                match parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
+                    .map_err(|e| e.to_string())
+                    .and_then(|e| e.problem().map_or(Ok(e), Err))
+                {
+                    Ok(e) => accepted.push(e),
+                    Err(why) => refuse(i, why),
                 }
-                accepted
             }
-        };
-        match meter {
-            Some(_) => (events.iter().cloned().map(Kept::Parsed).collect(), events),
-            None => (events.into_iter().map(Kept::Parsed).collect(), Vec::new()),
+            accepted
         }
     };
     gw.metrics.usage_rejected.inc_by(rejected.len() as u64);
     gw.metrics
         .usage_events
         .with_label_values(&["kernel"])
-        .inc_by(kept.len() as u64);
-    let n = kept.len();
-    if let Some(meter) = meter {
-        meter.kernel(gw, metered);
+        .inc_by(accepted.len() as u64);
+    let n = accepted.len();
+    if let Some(meter) = gw.meter.get() {
+        meter.kernel(gw, accepted.iter().cloned());
     }
-    gw.usage.push(kept);
+    gw.usage.push(accepted);
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"accepted": n, "rejected": rejected}),

@@ -6,8 +6,6 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use agent_common::wire::{self, Usage};
-use bytes::Bytes;
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 
@@ -66,64 +64,43 @@ fn source<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D
 impl UsageEvent {
     /// Why this event cannot be billed, if it cannot.
     pub fn problem(&self) -> Option<String> {
-        problem(&self.wire())
-    }
-
-    /// This event as the agent's binary batch carries it, borrowing its strings.
-    pub fn wire(&self) -> Usage<'_> {
-        Usage {
-            id: self.id.as_deref().map(Cow::Borrowed),
-            call_id: self.call_id.as_deref().map(Cow::Borrowed),
-            namespace: Cow::Borrowed(&self.namespace),
-            function_name: Cow::Borrowed(&self.function_name),
-            replica: self.replica.as_deref().map(Cow::Borrowed),
-            started: Cow::Borrowed(&self.started),
-            duration_ns: self.duration_ns,
-            status_code: self.status_code,
-            memory_peak_bytes: self.memory_peak_bytes,
-            memory_limit_bytes: self.memory_limit_bytes,
-            cpu_ns: self.cpu_ns,
-            exit_code: self.exit_code,
-            source: Cow::Borrowed(&self.source),
+        if let Err(e) = FunctionName::check(&self.function_name) {
+            return Some(format!("function_name: {e}"));
         }
+        if let Err(e) = Namespace::check(&self.namespace) {
+            return Some(format!("namespace: {e}"));
+        }
+        if DateTime::parse_from_rfc3339(&self.started).is_err() {
+            return Some(format!("started {:?} is not an RFC3339 time", self.started));
+        }
+        if self.duration_ns > MAX_DURATION_NS {
+            return Some(format!(
+                "duration_ns {} is more than 7 days",
+                self.duration_ns
+            ));
+        }
+        if self.source != "kernel" {
+            return Some(format!(
+                "source {:?}: only \"kernel\" events are ingested",
+                self.source
+            ));
+        }
+        if let Some(id) = &self.id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Some(format!(
+                "id {id:?}: 1 to 64 letters, digits, '-' or '_' expected"
+            ));
+        }
+        if self.call_id.as_ref().is_some_and(|c| c.len() > 256) {
+            return Some("call_id is longer than 256 characters".into());
+        }
+        None
     }
-}
-
-/// Why an event cannot be billed, if it cannot.
-pub fn problem(e: &Usage<'_>) -> Option<String> {
-    if let Err(err) = FunctionName::check(&e.function_name) {
-        return Some(format!("function_name: {err}"));
-    }
-    if let Err(err) = Namespace::check(&e.namespace) {
-        return Some(format!("namespace: {err}"));
-    }
-    if DateTime::parse_from_rfc3339(&e.started).is_err() {
-        return Some(format!("started {:?} is not an RFC3339 time", e.started));
-    }
-    if e.duration_ns > MAX_DURATION_NS {
-        return Some(format!("duration_ns {} is more than 7 days", e.duration_ns));
-    }
-    if e.source != "kernel" {
-        return Some(format!(
-            "source {:?}: only \"kernel\" events are ingested",
-            e.source
-        ));
-    }
-    if let Some(id) = &e.id
-        && (id.is_empty()
-            || id.len() > 64
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-    {
-        return Some(format!(
-            "id {id:?}: 1 to 64 letters, digits, '-' or '_' expected"
-        ));
-    }
-    if e.call_id.as_ref().is_some_and(|c| c.len() > 256) {
-        return Some("call_id is longer than 256 characters".into());
-    }
-    None
 }
 
 /// A batch of events in one pass, or `None` if the body is not UTF-8 or any event does not
@@ -162,19 +139,16 @@ pub fn parse_batch(body: &[u8]) -> Option<Vec<UsageEvent>> {
     Some(events)
 }
 
-/// A postcard batch (the agent's binary form, [`agent_common::wire`]): each event borrowed
-/// from the body, with its own bytes to keep; or why the batch does not read.
-pub fn decode_batch(body: &Bytes) -> Result<Vec<(Usage<'_>, Kept)>, String> {
-    let each =
-        wire::decode_each(body).map_err(|e| format!("invalid {} body: {e}", wire::CONTENT_TYPE))?;
-    Ok(each
-        .into_iter()
-        .map(|(usage, at)| (usage, Kept::Wire(body.slice(at))))
-        .collect())
+/// A postcard batch (the agent's binary form, [`agent_common::wire`]) as events, or why it
+/// does not read. `source` is shared when it is `"kernel"`, as with JSON.
+pub fn decode_batch(body: &[u8]) -> Result<Vec<UsageEvent>, String> {
+    let batch = agent_common::wire::decode(body)
+        .map_err(|e| format!("invalid {} body: {e}", agent_common::wire::CONTENT_TYPE))?;
+    Ok(batch.into_iter().map(UsageEvent::from).collect())
 }
 
-impl From<Usage<'_>> for UsageEvent {
-    fn from(u: Usage<'_>) -> Self {
+impl From<agent_common::wire::Usage<'_>> for UsageEvent {
+    fn from(u: agent_common::wire::Usage<'_>) -> Self {
         Self {
             id: u.id.map(Cow::into_owned),
             call_id: u.call_id.map(Cow::into_owned),
@@ -196,34 +170,14 @@ impl From<Usage<'_>> for UsageEvent {
     }
 }
 
-/// An accepted event as the window keeps it. From a postcard batch, its bytes: a slice of
-/// the request's body, shared by the batch's events (no copy, no allocation per event; the
-/// body goes when its last event leaves the window). From JSON, the event as parsed.
-#[derive(Clone, Debug)]
-pub enum Kept {
-    Wire(Bytes),
-    Parsed(UsageEvent),
-}
-
-impl Kept {
-    /// The event, borrowed (`None` only for bytes [`wire`] did not write, which a `Wire`
-    /// never holds: it is a decoded event's bytes).
-    pub fn usage(&self) -> Option<Usage<'_>> {
-        match self {
-            Self::Wire(bytes) => wire::decode_one(bytes).ok(),
-            Self::Parsed(e) => Some(e.wire()),
-        }
-    }
-}
-
 /// The latest events, oldest dropped first.
 #[derive(Default)]
 pub struct Recent {
-    events: Mutex<VecDeque<Kept>>,
+    events: Mutex<VecDeque<UsageEvent>>,
 }
 
 impl Recent {
-    pub fn push(&self, batch: impl IntoIterator<Item = Kept>) {
+    pub fn push(&self, batch: impl IntoIterator<Item = UsageEvent>) {
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         for e in batch {
             if events.len() == RECENT_CAPACITY {
@@ -234,20 +188,11 @@ impl Recent {
     }
 
     /// Matching events, oldest first, at most `limit` (the newest ones).
-    pub fn query(&self, keep: impl Fn(&Usage<'_>) -> bool, limit: usize) -> Vec<UsageEvent> {
+    pub fn query(&self, keep: impl Fn(&UsageEvent) -> bool, limit: usize) -> Vec<UsageEvent> {
         let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        let mut matching: Vec<UsageEvent> = Vec::new();
-        // Newest first, so that only the `limit` returned are made owned.
-        for usage in events.iter().rev().filter_map(Kept::usage) {
-            if matching.len() == limit {
-                break;
-            }
-            if keep(&usage) {
-                matching.push(usage.into());
-            }
-        }
-        matching.reverse();
-        matching
+        let matching: Vec<&UsageEvent> = events.iter().filter(|e| keep(e)).collect();
+        let skip = matching.len().saturating_sub(limit);
+        matching.into_iter().skip(skip).cloned().collect()
     }
 }
 
@@ -311,60 +256,48 @@ mod tests {
 
     #[test]
     fn a_postcard_batch_reads_as_the_same_events() {
+        use agent_common::wire;
+        fn as_wire(e: &UsageEvent) -> wire::Usage<'_> {
+            wire::Usage {
+                id: e.id.as_deref().map(Cow::Borrowed),
+                call_id: e.call_id.as_deref().map(Cow::Borrowed),
+                namespace: Cow::Borrowed(&e.namespace),
+                function_name: Cow::Borrowed(&e.function_name),
+                replica: e.replica.as_deref().map(Cow::Borrowed),
+                started: Cow::Borrowed(&e.started),
+                duration_ns: e.duration_ns,
+                status_code: e.status_code,
+                memory_peak_bytes: e.memory_peak_bytes,
+                memory_limit_bytes: e.memory_limit_bytes,
+                cpu_ns: e.cpu_ns,
+                exit_code: e.exit_code,
+                source: Cow::Borrowed(&e.source),
+            }
+        }
         let e = event();
-        let body = Bytes::from(wire::encode(&[e.wire(), e.wire()]).unwrap());
+        let body = wire::encode(&[as_wire(&e), as_wire(&e)]).unwrap();
         let read = decode_batch(&body).unwrap();
-        let events: Vec<UsageEvent> = read.iter().map(|(u, _)| u.clone().into()).collect();
-        assert_eq!(events, vec![e.clone(), e.clone()]);
-        assert!(matches!(events[0].source, Cow::Borrowed(_)));
-        assert_eq!(
-            read[1].1.usage(),
-            Some(e.wire()),
-            "each keeps its own bytes"
-        );
-        let why = decode_batch(&body.slice(..body.len() - 3)).unwrap_err();
+        assert_eq!(read, vec![e.clone(), e]);
+        assert!(matches!(read[0].source, Cow::Borrowed(_)));
+        let why = decode_batch(&body[..body.len() - 3]).unwrap_err();
         assert!(why.contains(wire::CONTENT_TYPE), "{why}");
     }
 
     #[test]
     fn recent_is_bounded_and_filtered() {
         let r = Recent::default();
-        let events: Vec<UsageEvent> = (0..5)
-            .map(|i| UsageEvent {
-                call_id: Some(format!("c{i}")),
-                ..event()
-            })
-            .collect();
-        r.push(events.iter().cloned().map(Kept::Parsed));
-        assert_eq!(r.query(|_| true, 2), events[3..]);
-        assert_eq!(r.query(|_| true, 10), events);
+        r.push((0..5).map(|i| UsageEvent {
+            call_id: Some(format!("c{i}")),
+            ..event()
+        }));
+        let last2 = r.query(|_| true, 2);
         assert_eq!(
-            r.query(|e| e.call_id.as_deref() == Some("c1"), 10),
-            events[1..2]
+            last2
+                .iter()
+                .map(|e| e.call_id.clone().unwrap())
+                .collect::<Vec<_>>(),
+            ["c3", "c4"]
         );
-        // A postcard batch's events are kept as their bytes, and read back the same.
-        let wired: Vec<UsageEvent> = ["w0", "w1"]
-            .map(|c| UsageEvent {
-                call_id: Some(c.into()),
-                ..event()
-            })
-            .into();
-        let body = Bytes::from(wire::encode(&[wired[0].wire(), wired[1].wire()]).unwrap());
-        r.push(decode_batch(&body).unwrap().into_iter().map(|(_, k)| k));
-        assert_eq!(
-            r.query(|e| e.call_id.as_deref() == Some("w1"), 10),
-            wired[1..]
-        );
-        assert_eq!(
-            r.query(|_| true, 3),
-            [events[4].clone(), wired[0].clone(), wired[1].clone()]
-        );
-        r.push((0..RECENT_CAPACITY).map(|_| Kept::Parsed(event())));
-        assert!(
-            r.query(|e| e.call_id.as_deref() == Some("c4"), 10)
-                .is_empty(),
-            "pushed out"
-        );
-        assert_eq!(r.query(|_| true, usize::MAX).len(), RECENT_CAPACITY);
+        assert_eq!(r.query(|e| e.call_id.as_deref() == Some("c1"), 10).len(), 1);
     }
 }
