@@ -196,19 +196,11 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// RFC3339 in UTC with nanoseconds, formatted without `fmt` (shared with the agent).
-pub struct Rfc3339(agent_common::rfc3339::Rfc3339);
-
-impl Rfc3339 {
-    /// `None` before 1970 or after 9999, which the caller formats the slow way.
-    pub fn new(t: std::time::SystemTime) -> Option<Self> {
-        let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
-        agent_common::rfc3339::Rfc3339::from_unix(since.as_secs(), since.subsec_nanos()).map(Self)
-    }
-
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
+/// `t` in RFC3339 (UTC, nanoseconds), written without `fmt` by the writer the agent uses
+/// too; `None` before 1970 or after 9999, which the caller formats the slow way.
+pub fn rfc3339_fast(t: std::time::SystemTime) -> Option<agent_common::rfc3339::Rfc3339> {
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    agent_common::rfc3339::Rfc3339::from_unix(since.as_secs(), since.subsec_nanos())
 }
 
 #[cfg(test)]
@@ -270,10 +262,10 @@ mod tests {
     #[test]
     fn times_before_1970_are_left_to_the_slow_way() {
         use std::time::{Duration, UNIX_EPOCH};
-        assert!(Rfc3339::new(UNIX_EPOCH - Duration::from_secs(1)).is_none());
+        assert!(rfc3339_fast(UNIX_EPOCH - Duration::from_secs(1)).is_none());
         let t = UNIX_EPOCH + Duration::new(951_782_400, 7);
         assert_eq!(
-            Rfc3339::new(t).expect("in range").as_str(),
+            rfc3339_fast(t).expect("in range").as_str(),
             "2000-02-29T00:00:00.000000007Z"
         );
     }

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::event::{FunctionUsage, Rfc3339, UsageLine};
+use super::event::{FunctionUsage, UsageLine, rfc3339_fast};
 use super::flush::{self, Flusher};
 use super::ingest::UsageEvent;
 use crate::Gateway;
@@ -93,7 +93,7 @@ impl Meter {
         let duration = m.duration.as_nanos() as u64;
         let mut id = uuid::Uuid::encode_buffer();
         let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
-        let fast = Rfc3339::new(m.started);
+        let fast = rfc3339_fast(m.started);
         let slow;
         let started = match &fast {
             Some(s) => s.as_str(),
