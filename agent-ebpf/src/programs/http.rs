@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 
 use super::{
-    CGROUP_MEM, HTTP_EVENTS, HTTP_WAKE_AT, SCAN_LEN, SCRATCH, Scratch, count, now, wakeup_flags,
+    BPF_RB_NO_WAKEUP, CGROUP_MEM, HTTP_EVENTS, HTTP_WAKE_AT, SCAN_LEN, SCRATCH, Scratch, count,
+    now, wakeup_flags,
 };
 
 /// Where the request head begins in an [`HttpRecord`]: the bytes before it always go out.
@@ -35,7 +36,8 @@ pub fn is_request(first: &[u8; 8]) -> bool {
     false
 }
 
-/// Opens an exchange on `c` for a request whose first `len` bytes are at `data`.
+/// Opens an exchange on `c` for a request whose first `len` bytes are at `data`, after
+/// sending the exchange still open on it (a pipelined request), if any.
 #[inline(always)]
 pub fn start_request<C: EbpfContext>(
     ctx: &C,
@@ -53,6 +55,46 @@ pub fn start_request<C: EbpfContext>(
             conn::REQUEST => finish(ctx, c, end::NEXT_REQUEST),
             _ => {}
         }
+    }
+    let n = copy_head(c, data, len);
+    begin(c, tgid, fd, cgroup_id, n);
+}
+
+/// Copies the first `len` bytes at `data` (at most [`HEAD_LEN`]) into `c`'s head; how many,
+/// 0 if they could not be read.
+#[inline(always)]
+pub fn copy_head(c: *mut HttpRecord, data: u64, len: u64) -> u32 {
+    let n = if len > HEAD_LEN as u64 {
+        HEAD_LEN as u32
+    } else {
+        len as u32
+    };
+    // The bound spelled out for the verifier.
+    let n = n & (2 * HEAD_LEN as u32 - 1);
+    let n = if n > HEAD_LEN as u32 {
+        HEAD_LEN as u32
+    } else {
+        n
+    };
+    // SAFETY: `c` points into CONNS; user memory is read through the checked helper.
+    if unsafe { read_user_raw((*c).head.as_mut_ptr().cast(), n, data as *const _) } < 0 {
+        return 0;
+    }
+    n
+}
+
+/// The first bytes of `c`'s head.
+#[inline(always)]
+pub fn head_start(c: *mut HttpRecord) -> [u8; 8] {
+    // SAFETY: `c` points into CONNS; the head is far longer than 8 bytes.
+    unsafe { read_unaligned((*c).head.as_ptr().cast::<[u8; 8]>()) }
+}
+
+/// Opens an exchange on `c`, whose head already holds the request's first `head_len` bytes.
+#[inline(always)]
+pub fn begin(c: *mut HttpRecord, tgid: u32, fd: u32, cgroup_id: u64, head_len: u32) {
+    // SAFETY: `c` points into CONNS; one thread drives one connection at a time.
+    unsafe {
         (*c).cgroup_id = cgroup_id;
         (*c).tgid = tgid;
         (*c).fd = fd;
@@ -65,19 +107,7 @@ pub fn start_request<C: EbpfContext>(
         (*c).chunked = 0;
         (*c).end_reason = 0;
         (*c).state = conn::REQUEST;
-        let n = if len > HEAD_LEN as u64 {
-            HEAD_LEN as u32
-        } else {
-            len as u32
-        };
-        let n = n & (2 * HEAD_LEN as u32 - 1);
-        let n = if n > HEAD_LEN as u32 {
-            HEAD_LEN as u32
-        } else {
-            n
-        };
-        (*c).head_len = n;
-        read_user_raw((*c).head.as_mut_ptr().cast(), n, data as *const _);
+        (*c).head_len = head_len;
     }
     if let Some(cg) = CGROUP_MEM.get_ptr_mut(cgroup_id) {
         // SAFETY: `cg` points into CGROUP_MEM.
@@ -112,9 +142,16 @@ pub fn on_write<C: EbpfContext>(
         // One clock read: the write's exit is the response's start and, so far, its end.
         let t = now();
         if (*c).state == conn::REQUEST {
-            let Ok(first) = bpf_probe_read_user(seg as *const [u8; 12]) else {
+            // The first bytes (up to SCAN_LEN, at least the status line's 12) in one copy:
+            // the status line is read there, and then the headers.
+            let Some(sc) = SCRATCH.get_ptr_mut(0) else {
                 return;
             };
+            let valid = if seg_len < written { seg_len } else { written };
+            if !read_response_start(sc, seg, valid) {
+                return;
+            }
+            let first = read_unaligned((*sc).buf.as_ptr().cast::<[u8; 12]>());
             if first[..7] != *b"HTTP/1." || first[9] == b'1' {
                 return; // not a response, or an interim 1xx
             }
@@ -123,7 +160,7 @@ pub fn on_write<C: EbpfContext>(
                 + first[11].wrapping_sub(b'0') as u16;
             (*c).response_ns = t;
             (*c).state = conn::RESPONSE;
-            scan_headers(c, seg, if seg_len < written { seg_len } else { written });
+            scan_headers(sc, c);
         }
         if (*c).state != conn::RESPONSE {
             return;
@@ -179,41 +216,51 @@ unsafe fn header_line(sc: *mut Scratch, c: *mut HttpRecord, s: usize) -> bool {
     false
 }
 
-/// Finds the header end, `Content-Length` and `Transfer-Encoding` in a response's first bytes.
+/// Copies a response's first bytes at `seg` into the scratch buffer: the `valid` bytes the
+/// write sent (at most [`SCAN_LEN`]), and at least 12 so that the status line can be read
+/// (as a 12-byte read would, past a shorter write). False if the memory could not be read.
+#[inline(always)]
+unsafe fn read_response_start(sc: *mut Scratch, seg: u64, valid: u64) -> bool {
+    let n = if valid > SCAN_LEN as u64 {
+        SCAN_LEN
+    } else {
+        valid as usize
+    };
+    // Only the bytes written (a short response need not pay for SCAN_LEN); the bound is
+    // spelled out for the verifier.
+    let size = if n < 12 { 12 } else { n as u32 };
+    let size = size & (2 * SCAN_LEN as u32 - 1);
+    let size = if size > SCAN_LEN as u32 {
+        SCAN_LEN as u32
+    } else {
+        size
+    };
+    // SAFETY: the scratch slot is this CPU's; user memory is read through the helper.
+    unsafe {
+        if read_user_raw((*sc).buf.as_mut_ptr().cast(), size, seg as *const _) < 0 {
+            return false;
+        }
+        // Compared against fresh loads of this, not `n`: what a branch learns about `n`
+        // would differ between the paths of each word and multiply the verifier's states.
+        write_volatile(&mut (*sc).valid, n as u64);
+    }
+    true
+}
+
+/// Finds the header end, `Content-Length` and `Transfer-Encoding` in a response's first
+/// bytes, which [`read_response_start`] put in the scratch buffer.
 ///
 /// Eight bytes at a time: a word without a `\n` (most of them) costs a handful of
 /// instructions; only line starts are looked at. Written for the verifier: findings go to
 /// map memory (volatile stores), so the states of successive iterations differ only in the
 /// index and stay few; the number itself is parsed once after the loop.
 #[inline(always)]
-unsafe fn scan_headers(c: *mut HttpRecord, seg: u64, len: u64) {
-    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    let n = if len > SCAN_LEN as u64 {
-        SCAN_LEN
-    } else {
-        len as usize
-    };
-    // SAFETY: the scratch slot is this CPU's; user memory is read through the helper.
+unsafe fn scan_headers(sc: *mut Scratch, c: *mut HttpRecord) {
+    // SAFETY: the scratch slot is this CPU's.
     unsafe {
         let buf = (*sc).buf.as_mut_ptr();
-        // Only the bytes written (a short response need not pay for SCAN_LEN); the bound is
-        // spelled out for the verifier.
-        let size = (n as u32) & (2 * SCAN_LEN as u32 - 1);
-        let size = if size > SCAN_LEN as u32 {
-            SCAN_LEN as u32
-        } else {
-            size
-        };
-        if read_user_raw(buf.cast(), size, seg as *const _) < 0 {
-            return;
-        }
         write_volatile(&mut (*sc).length_at, 0);
         write_volatile(&mut (*sc).header_end, 0);
-        // Compared against fresh loads of this, not `n`: what a branch learns about `n`
-        // would differ between the paths of each word and multiply the verifier's states.
-        write_volatile(&mut (*sc).valid, n as u64);
         let mut k = 0usize;
         'words: while k < SCAN_LEN / 8 {
             let base = k * 8;
@@ -290,10 +337,14 @@ pub fn finish<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, reason: u8) {
             n
         };
         let record = core::slice::from_raw_parts(c.cast::<u8>(), RECORD_HEAD_AT + n as usize);
-        if HTTP_EVENTS
-            .output::<[u8]>(record, wakeup_flags(&HTTP_EVENTS, HTTP_WAKE_AT))
-            .is_err()
-        {
+        // How full the ring is (a helper call) only at every 16th exchange of a connection:
+        // the wakeup guards a stalled agent, with 7 MiB of ring left when it is asked for.
+        let flags = if (*c).seq & 15 == 0 {
+            wakeup_flags(&HTTP_EVENTS, HTTP_WAKE_AT)
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        if HTTP_EVENTS.output::<[u8]>(record, flags).is_err() {
             count(ctx, stat::HTTP_RINGBUF_FULL);
         }
         (*c).seq += 1;

@@ -131,9 +131,14 @@ pub fn watched_marked(tgid: u32) -> Option<(u64, u32)> {
 pub fn watched() -> Option<(u64, u32)> {
     // SAFETY: the helper has no preconditions.
     let id = unsafe { bpf_get_current_cgroup_id() };
+    Some((id, watched_id(id)?))
+}
+
+/// The mode of cgroup `id` if it is a watched replica's.
+#[inline(always)]
+pub fn watched_id(id: u64) -> Option<u32> {
     // SAFETY: values are plain u32s that user space only replaces whole.
-    let mode = unsafe { WATCHED.get(&id) }?;
-    Some((id, *mode))
+    unsafe { WATCHED.get(&id) }.copied()
 }
 
 /// Deepest cgroup level looked at for a function's cgroup.
@@ -206,7 +211,7 @@ pub fn now() -> u64 {
 }
 
 /// Ring-buffer flags: no wakeup of user space per record.
-const BPF_RB_NO_WAKEUP: u64 = 1;
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
 /// Wake user space now.
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// `bpf_ringbuf_query` flag: bytes written but not yet consumed.

@@ -14,11 +14,13 @@
 
 use agent_common::{conn, end, mode};
 use aya_ebpf::{
-    EbpfContext, helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint,
+    EbpfContext,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
+    macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 
-use super::{CONNS, http, regs, sock_read, sock_write, tgids, watched_marked};
+use super::{CONNS, http, regs, sock_read, sock_write, tgids, watched_id};
 
 /// x86_64 syscall numbers (`arch/x86/entry/syscalls/syscall_64.tbl`).
 mod nr {
@@ -46,27 +48,38 @@ fn int_arg(ctx: &RawTracePointContext, n: usize) -> i64 {
     ctx.arg::<u64>(n) as u32 as i32 as i64
 }
 
-/// A socket I/O of an http-mode replica: `(tgid, cgroup id, registers)`, or `None` for
-/// every other process (after one byte of [`TGIDS`](super::TGIDS)).
-#[inline(always)]
-fn replica_io() -> Option<(u32, u64, regs::UserRegs)> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !tgids::marked(tgid) {
-        return None;
-    }
-    let r = regs::current()?;
-    let (cgroup_id, m) = watched_marked(tgid)?;
-    (m == mode::HTTP).then_some((tgid, cgroup_id, r))
-}
-
-/// `sock_recv_length(struct sock *sk, int ret, int flags)`.
+/// `sock_recv_length(struct sock *sk, int ret, int flags)`. Every other process returns
+/// after one byte of [`TGIDS`](super::TGIDS). A replica's connection it already served
+/// from the same cgroup skips the cgroup lookup (the cgroup was watched, in http mode, when
+/// that exchange began); any other read is checked against [`WATCHED`](super::WATCHED).
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
     let ret = int_arg(&ctx, 1);
     if ret <= 0 || int_arg(&ctx, 2) as u32 & MSG_PEEK != 0 {
         return 0;
     }
-    let Some((tgid, cgroup_id, r)) = replica_io() else {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !tgids::marked(tgid) {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    let known = CONNS.get_ptr_mut(sk);
+    // SAFETY: the helper has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: `c` points into CONNS.
+    let seen_here =
+        known.is_some_and(|c| unsafe { (*c).cgroup_id == cgroup_id && (*c).tgid == tgid });
+    if !seen_here {
+        match watched_id(cgroup_id) {
+            Some(mode::HTTP) => {}
+            Some(_) => return 0,
+            None => {
+                tgids::mark(tgid, false);
+                return 0;
+            }
+        }
+    }
+    let Some(r) = regs::current() else {
         return 0;
     };
     let vectored = match r.orig_ax {
@@ -74,8 +87,14 @@ pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
         nr::READV => 1,
         _ => return 0,
     };
-    let sk: u64 = ctx.arg(0);
-    sock_read::exit(&ctx, tgid, r.di, cgroup_id, sk, r.si, vectored, ret);
+    let at = sock_read::Read {
+        tgid,
+        fd: r.di,
+        cgroup_id,
+        sk,
+        known,
+    };
+    sock_read::exit(&ctx, &at, r.si, vectored, ret);
     0
 }
 

@@ -2,25 +2,24 @@
 //! read whose first bytes begin a request line opens an exchange on its socket and copies
 //! the request's head.
 
-use agent_common::stat;
+use agent_common::{HttpRecord, conn, stat};
 use aya_ebpf::{EbpfContext, helpers::bpf_probe_read_user};
 
 use super::{conn_entry, count, http};
 
-/// Looks at the `ret` bytes a read of socket `sk` (fd `fd` of process `tgid`) into `buf`
-/// (an iovec array when `vectored`) returned.
+/// Who read: the replica's process and cgroup, the fd and socket, and the socket's CONNS
+/// entry if it has one.
+pub struct Read {
+    pub tgid: u32,
+    pub fd: u64,
+    pub cgroup_id: u64,
+    pub sk: u64,
+    pub known: Option<*mut HttpRecord>,
+}
+
+/// Looks at the `ret` bytes a read into `buf` (an iovec array when `vectored`) returned.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn exit<C: EbpfContext>(
-    ctx: &C,
-    tgid: u32,
-    fd: u64,
-    cgroup_id: u64,
-    sk: u64,
-    buf: u64,
-    vectored: u8,
-    ret: i64,
-) {
+pub fn exit<C: EbpfContext>(ctx: &C, at: &Read, buf: u64, vectored: u8, ret: i64) {
     if ret <= 0 {
         return;
     }
@@ -43,6 +42,19 @@ pub fn exit<C: EbpfContext>(
     if len < 8 {
         return;
     }
+    // A connection between exchanges (keep-alive, the usual case): the read is copied
+    // straight into its head buffer, which no exchange holds now, and looked at there: one
+    // copy instead of a peek and a copy. What is not a request leaves it idle.
+    if let Some(c) = at.known
+        // SAFETY: `c` points into CONNS.
+        && unsafe { (*c).state } == conn::IDLE
+    {
+        let n = http::copy_head(c, data, len);
+        if n >= 8 && http::is_request(&http::head_start(c)) {
+            http::begin(c, at.tgid, at.fd as u32, at.cgroup_id, n);
+        }
+        return;
+    }
     // SAFETY: as above.
     let Ok(first) = (unsafe { bpf_probe_read_user(data as *const [u8; 8]) }) else {
         return;
@@ -50,9 +62,15 @@ pub fn exit<C: EbpfContext>(
     if !http::is_request(&first) {
         return;
     }
-    let Some(c) = conn_entry(sk) else {
-        count(ctx, stat::CONN_MAP_FULL);
-        return;
+    let c = match at.known {
+        Some(c) => c,
+        None => {
+            let Some(c) = conn_entry(at.sk) else {
+                count(ctx, stat::CONN_MAP_FULL);
+                return;
+            };
+            c
+        }
     };
-    http::start_request(ctx, c, tgid, fd as u32, cgroup_id, data, len);
+    http::start_request(ctx, c, at.tgid, at.fd as u32, at.cgroup_id, data, len);
 }
