@@ -68,13 +68,14 @@ pub fn run(args: Args) -> Result<()> {
 
     let result = deploy_examples(&url, &data_dir, &bin, &password_file);
     if let Err(e) = result {
-        let _ = gateway.kill();
+        // SIGTERM, not SIGKILL: the gateway stops the replicas it started.
+        terminate(&mut gateway);
         return Err(e);
     }
     let mut agent = match start_agent(&args, &url, password_file.parent().unwrap_or(&data_dir)) {
         Ok(a) => a,
         Err(e) => {
-            let _ = gateway.kill();
+            terminate(&mut gateway);
             return Err(e);
         }
     };
@@ -187,10 +188,11 @@ fn deploy_examples(url: &str, data_dir: &Path, bin: &Path, password_file: &Path)
         copy_dir(&examples.join(dir), &functions.join(dir))?;
     }
     std::fs::create_dir_all(functions.join("hello-rust"))?;
-    std::fs::copy(
-        bin.join("hello-rust"),
-        functions.join("hello-rust/hello-rust"),
-    )?;
+    // Replicas the gateway brought back from its saved state may already run the old
+    // binary: writing over it fails (ETXTBSY), so the new one is renamed into place.
+    let staged = functions.join("hello-rust/.hello-rust.new");
+    std::fs::copy(bin.join("hello-rust"), &staged)?;
+    std::fs::rename(&staged, functions.join("hello-rust/hello-rust"))?;
     let password = std::fs::read_to_string(password_file)?.trim().to_string();
     let user = std::fs::read_to_string(password_file.with_file_name("basic-auth-user"))?;
     let auth = crate::basic_auth(user.trim(), &password);
