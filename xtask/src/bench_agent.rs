@@ -22,6 +22,9 @@
 //! less); `TALLY_BENCH_AGENT_ARMS=ratio` runs only the arms that ratio needs, and
 //! `TALLY_BENCH_AGENT_ARMS=toggle` measures instead by switching one agent off and on every
 //! `--seconds` within one wrk run (`bench_toggle`), for `--rounds` pairs.
+//! `TALLY_BENCH_AGENT_FORK=1` also deploys an idle fork-mode function, as a node serving
+//! both kinds has: the agent then attaches `sched_switch` (fork mode's CPU time), which
+//! every context switch of the node runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,6 +66,14 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     let _gateway = Guard(gateway);
     let http = agent();
     let target = deploy_tiny(&http, &url, &auth)?;
+    if std::env::var("TALLY_BENCH_AGENT_FORK").is_ok_and(|v| v == "1") {
+        crate::bench::deploy(
+            &http,
+            &url,
+            &auth,
+            serde_json::json!({"service": "forky", "image": "bench/forky", "envProcess": "cat", "envVars": {"mode": "fork"}}),
+        )?;
+    }
     // Warm up the gateway's pool and the function.
     wrk::run(&target, 2, connections)?;
     if std::env::var("TALLY_BENCH_AGENT_ARMS").is_ok_and(|v| v == "toggle") {
