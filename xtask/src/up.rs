@@ -188,11 +188,10 @@ fn deploy_examples(url: &str, data_dir: &Path, bin: &Path, password_file: &Path)
         copy_dir(&examples.join(dir), &functions.join(dir))?;
     }
     std::fs::create_dir_all(functions.join("hello-rust"))?;
-    // Replicas the gateway brought back from its saved state may already run the old
-    // binary: writing over it fails (ETXTBSY), so the new one is renamed into place.
-    let staged = functions.join("hello-rust/.hello-rust.new");
-    std::fs::copy(bin.join("hello-rust"), &staged)?;
-    std::fs::rename(&staged, functions.join("hello-rust/hello-rust"))?;
+    replace_executable(
+        &bin.join("hello-rust"),
+        &functions.join("hello-rust/hello-rust"),
+    )?;
     let password = std::fs::read_to_string(password_file)?.trim().to_string();
     let user = std::fs::read_to_string(password_file.with_file_name("basic-auth-user"))?;
     let auth = crate::basic_auth(user.trim(), &password);
@@ -218,6 +217,18 @@ fn wait_healthy(url: &str) -> Result<()> {
     }
 }
 
+/// Puts a copy of `from` at `to`. Replicas the gateway brought back from its saved state may
+/// already run the old binary, and writing over a running executable fails (ETXTBSY): the
+/// copy is made beside it and renamed into place, so they keep the old file.
+fn replace_executable(from: &Path, to: &Path) -> Result<()> {
+    let mut staged = to.as_os_str().to_owned();
+    staged.push(".new");
+    let staged = PathBuf::from(staged);
+    std::fs::copy(from, &staged).with_context(|| format!("copying to {}", staged.display()))?;
+    std::fs::rename(&staged, to).with_context(|| format!("renaming to {}", to.display()))?;
+    Ok(())
+}
+
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(to)?;
@@ -234,4 +245,36 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running binary can be replaced (a plain copy over it is refused).
+    #[test]
+    fn a_running_executable_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("tally-xtask-up-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let exe = dir.join("sleeper");
+        std::fs::copy("/bin/sleep", &exe).expect("copy sleep");
+        let mut running = std::process::Command::new(&exe)
+            .arg("30")
+            .spawn()
+            .expect("run the copy");
+        let plain = std::fs::copy("/bin/true", &exe);
+        let replaced = replace_executable(Path::new("/bin/true"), &exe);
+        let _ = running.kill();
+        let _ = running.wait();
+        let now = std::fs::read(&exe).expect("read back");
+        let _ = std::fs::remove_dir_all(&dir);
+        let busy = plain.expect_err("copying over a running binary");
+        assert_eq!(
+            busy.raw_os_error(),
+            Some(nix::errno::Errno::ETXTBSY as i32),
+            "{busy}"
+        );
+        replaced.expect("replaced while running");
+        assert_eq!(now, std::fs::read("/bin/true").expect("read /bin/true"));
+    }
 }
