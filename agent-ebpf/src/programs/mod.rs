@@ -110,19 +110,21 @@ pub fn watched_process(pid_tgid: u64) -> Option<(u64, u32)> {
     if !tgids::marked(tgid) {
         return None;
     }
-    watched_marked(tgid)
+    // SAFETY: the helper has no preconditions.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    Some((id, watched_marked_in(tgid, id)?))
 }
 
-/// [`watched`] for a process already found marked in [`TGIDS`]. A marked process whose
-/// cgroup is not watched (it left its replica's cgroup, or its tgid was reused) is unmarked
-/// here.
+/// The mode of cgroup `id`, which the process `tgid`, found marked in [`TGIDS`], is in. A
+/// marked process whose cgroup is not watched (it left its replica's cgroup, or its tgid
+/// was reused) is unmarked here.
 #[inline(always)]
-pub fn watched_marked(tgid: u32) -> Option<(u64, u32)> {
-    let w = watched();
-    if w.is_none() {
+pub fn watched_marked_in(tgid: u32, id: u64) -> Option<u32> {
+    let mode = watched_id(id);
+    if mode.is_none() {
         tgids::mark(tgid, false);
     }
-    w
+    mode
 }
 
 /// The replica the current task belongs to: `(cgroup id, mode)`, or `None` for every

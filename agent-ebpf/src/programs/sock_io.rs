@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 
-use super::{CONNS, http, regs, sock_read, sock_write, tgids, watched_id};
+use super::{CONNS, http, regs, sock_read, sock_write, tgids, watched_marked_in};
 
 /// x86_64 syscall numbers (`arch/x86/entry/syscalls/syscall_64.tbl`).
 mod nr {
@@ -69,15 +69,8 @@ pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
     // SAFETY: `c` points into CONNS.
     let seen_here =
         known.is_some_and(|c| unsafe { (*c).cgroup_id == cgroup_id && (*c).tgid == tgid });
-    if !seen_here {
-        match watched_id(cgroup_id) {
-            Some(mode::HTTP) => {}
-            Some(_) => return 0,
-            None => {
-                tgids::mark(tgid, false);
-                return 0;
-            }
-        }
+    if !seen_here && watched_marked_in(tgid, cgroup_id) != Some(mode::HTTP) {
+        return 0;
     }
     let Some(r) = regs::current() else {
         return 0;

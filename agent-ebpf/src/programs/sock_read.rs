@@ -62,15 +62,9 @@ pub fn exit<C: EbpfContext>(ctx: &C, at: &Read, buf: u64, vectored: u8, ret: i64
     if !http::is_request(&first) {
         return;
     }
-    let c = match at.known {
-        Some(c) => c,
-        None => {
-            let Some(c) = conn_entry(at.sk) else {
-                count(ctx, stat::CONN_MAP_FULL);
-                return;
-            };
-            c
-        }
+    let Some(c) = at.known.or_else(|| conn_entry(at.sk)) else {
+        count(ctx, stat::CONN_MAP_FULL);
+        return;
     };
     http::start_request(ctx, c, at.tgid, at.fd as u32, at.cgroup_id, data, len);
 }
