@@ -532,8 +532,13 @@ fn run_metering(args: &Args) -> Result<()> {
         "| metering off | {:.0} | {:.2} | {:.2} |",
         a.rps, a.p50_ms, a.p99_ms
     );
+    let on_label = if upstream_only() {
+        "metering on, to JetStream only (TALLY_EVENT_WORKER=false)"
+    } else {
+        "metering on (webhook batches)"
+    };
     println!(
-        "| metering on (webhook batches) | {:.0} | {:.2} | {:.2} |",
+        "| {on_label} | {:.0} | {:.2} | {:.2} |",
         b.rps, b.p50_ms, b.p99_ms
     );
     println!();
@@ -588,12 +593,18 @@ fn metering_stages(
         .collect())
 }
 
+/// Whether the metering gateway runs without its event-worker (`TALLY_EVENT_WORKER=false`,
+/// which it inherits): its events go to JetStream and no further.
+fn upstream_only() -> bool {
+    std::env::var("TALLY_EVENT_WORKER").is_ok_and(|v| v == "false")
+}
+
 /// Waits until every event the gateway at `url` produced was delivered, parked or dropped (at
 /// most 30 s: a pipeline that cannot keep up is an error, not a figure). A gateway run with
 /// `TALLY_EVENT_WORKER=false` delivers nothing: there, until every event reached JetStream,
 /// which measures the invocation side of metering alone.
 fn drain_metering(agent: &ureq::Agent, url: &str) -> Result<()> {
-    let upstream_only = std::env::var("TALLY_EVENT_WORKER").is_ok_and(|v| v == "false");
+    let upstream_only = upstream_only();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = metering_stages(agent, url)?;
