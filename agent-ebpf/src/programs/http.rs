@@ -60,6 +60,14 @@ pub fn start_request<C: EbpfContext>(
     begin(c, tgid, fd, cgroup_id, n);
 }
 
+/// `n`, already at most `max` (a power of two), with that bound spelled out for the
+/// verifier, which does not carry it through a branch: a mask, then a clamp.
+#[inline(always)]
+fn verifier_bound(n: u32, max: u32) -> u32 {
+    let n = n & (2 * max - 1);
+    if n > max { max } else { n }
+}
+
 /// Copies the first `len` bytes at `data` (at most [`HEAD_LEN`]) into `c`'s head; how many,
 /// 0 if they could not be read.
 #[inline(always)]
@@ -69,13 +77,7 @@ pub fn copy_head(c: *mut HttpRecord, data: u64, len: u64) -> u32 {
     } else {
         len as u32
     };
-    // The bound spelled out for the verifier.
-    let n = n & (2 * HEAD_LEN as u32 - 1);
-    let n = if n > HEAD_LEN as u32 {
-        HEAD_LEN as u32
-    } else {
-        n
-    };
+    let n = verifier_bound(n, HEAD_LEN as u32);
     // SAFETY: `c` points into CONNS; user memory is read through the checked helper.
     if unsafe { read_user_raw((*c).head.as_mut_ptr().cast(), n, data as *const _) } < 0 {
         return 0;
@@ -228,13 +230,7 @@ unsafe fn read_response_start(sc: *mut Scratch, seg: u64, valid: u64) -> bool {
     };
     // Only the bytes written (a short response need not pay for SCAN_LEN); the bound is
     // spelled out for the verifier.
-    let size = if n < 12 { 12 } else { n as u32 };
-    let size = size & (2 * SCAN_LEN as u32 - 1);
-    let size = if size > SCAN_LEN as u32 {
-        SCAN_LEN as u32
-    } else {
-        size
-    };
+    let size = verifier_bound(if n < 12 { 12 } else { n as u32 }, SCAN_LEN as u32);
     // SAFETY: the scratch slot is this CPU's; user memory is read through the helper.
     unsafe {
         if read_user_raw((*sc).buf.as_mut_ptr().cast(), size, seg as *const _) < 0 {
@@ -330,12 +326,7 @@ pub fn finish<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, reason: u8) {
         // Only the head bytes the request really had: with a typical head of a few hundred
         // bytes the record is a third of the struct, for the copy here, the ring's room,
         // and user space's copy out of it (which zero-fills the rest).
-        let n = (*c).head_len & (2 * HEAD_LEN as u32 - 1);
-        let n = if n > HEAD_LEN as u32 {
-            HEAD_LEN as u32
-        } else {
-            n
-        };
+        let n = verifier_bound((*c).head_len, HEAD_LEN as u32);
         let record = core::slice::from_raw_parts(c.cast::<u8>(), RECORD_HEAD_AT + n as usize);
         // How full the ring is (a helper call) only at every 16th exchange of a connection:
         // the wakeup guards a stalled agent, with 7 MiB of ring left when it is asked for.
