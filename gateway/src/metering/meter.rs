@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::event::{FunctionUsage, UsageLine, rfc3339_fast};
-use super::flush::{self, Flusher};
+use super::flush::Flusher;
 use super::ingest::UsageEvent;
 use crate::Gateway;
 use crate::config::MeteringConfig;
@@ -119,8 +119,14 @@ impl Meter {
             source: "gateway",
         };
         if !self.agent_active(m.started + m.duration) {
-            // The common case writes the line straight from the measurements.
-            self.flusher.send_line(gw, flush::line(&line));
+            // The common case writes the line straight from the measurements, into this
+            // thread's scratch buffer: no allocation per event.
+            LINE.with_borrow_mut(|buf| {
+                buf.clear();
+                line.write(buf);
+                buf.push(b'\n');
+                self.flusher.send_line(gw, buf);
+            });
             return;
         }
         let event = line.to_event();
@@ -274,6 +280,11 @@ impl Meter {
             self.flusher.send(gw, event);
         }
     }
+}
+
+thread_local! {
+    /// The invocation path's event line, reused.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
 
 const SEGMENT_PREFIX: &str = "seg-";
@@ -117,11 +116,12 @@ pub struct SpoolWriter {
 
 impl SpoolWriter {
     /// Copies `lines` (each ending with `\n`) into the region, each after a `\n`.
-    pub fn write(&self, lines: &[Bytes]) {
+    pub fn write<L: AsRef<[u8]>>(&self, lines: &[L]) {
         let mut at = self.at;
         let end = self.at + self.len;
         let base = self.segment.map.as_mut_ptr();
         for line in lines {
+            let line = line.as_ref();
             debug_assert!(
                 at + 1 + line.len() <= end,
                 "reserved by `reserve` for these lines"
@@ -214,8 +214,8 @@ impl Spool {
 
     /// Reserves room for `lines` (called under the buffer's lock, so regions follow the
     /// order events were buffered in).
-    pub fn reserve(&mut self, lines: &[Bytes]) -> Result<SpoolWriter, SpoolError> {
-        let len: usize = lines.iter().map(|l| l.len() + 1).sum();
+    pub fn reserve<L: AsRef<[u8]>>(&mut self, lines: &[L]) -> Result<SpoolWriter, SpoolError> {
+        let len: usize = lines.iter().map(|l| l.as_ref().len() + 1).sum();
         if len > SEGMENT_BYTES {
             return Err(SpoolError::Io(
                 self.current.path.clone(),
@@ -446,6 +446,7 @@ fn seq_of(name: &str, prefix: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn line(s: &str) -> Bytes {
         Bytes::from(format!("{s}\n"))
