@@ -532,9 +532,9 @@ mod tests {
                 Some(*end)
             })
             .collect();
-        let split = split(text, &ends);
-        assert_eq!(split, lines.map(|l| Bytes::from(l.as_bytes())));
-        assert!(super::split(Vec::new(), &[]).is_empty());
+        let parts = split(text, &ends);
+        assert_eq!(parts, lines.map(|l| Bytes::from(l.as_bytes())));
+        assert!(split(Vec::new(), &[]).is_empty());
     }
 
     #[test]
