@@ -65,6 +65,8 @@ struct Bench {
     auth: String,
     gateway_pid: u32,
     _processes: Vec<Guard>,
+    /// Dropped after the processes (cleared first in `drop`).
+    _cgroups: RemoveCgroups,
 }
 
 impl Bench {
@@ -82,8 +84,8 @@ impl Bench {
                 .env("PORT", function_port.to_string())
                 .spawn()?,
         );
-        let (gateway, url, auth) =
-            start_gateway(&bin, &data, &format!("tally-bench-{name}"), gateway_args)?;
+        let cgroup_parent = format!("tally-bench-{name}");
+        let (gateway, url, auth) = start_gateway(&bin, &data, &cgroup_parent, gateway_args)?;
         Ok(Self {
             data,
             function_port,
@@ -91,6 +93,7 @@ impl Bench {
             auth,
             gateway_pid: gateway.id(),
             _processes: vec![function, Guard(gateway)],
+            _cgroups: RemoveCgroups(cgroup_parent),
         })
     }
 }
@@ -136,6 +139,21 @@ pub(crate) struct RemoveDir(pub(crate) PathBuf);
 impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes a benchmark gateway's `--cgroup-parent` directory from every cgroup hierarchy on
+/// drop (only where empty: drop it after the gateway, which removes its replicas' cgroups).
+pub(crate) struct RemoveCgroups(pub(crate) String);
+
+impl Drop for RemoveCgroups {
+    fn drop(&mut self) {
+        let root = Path::new("/sys/fs/cgroup");
+        // cgroup v2 at the root, and each v1 hierarchy (or v2's `unified`) below it.
+        let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
+        for dir in std::iter::once(root.to_path_buf()).chain(hierarchies.map(|e| e.path())) {
+            let _ = std::fs::remove_dir(dir.join(&self.0));
+        }
     }
 }
 

@@ -31,8 +31,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    Guard, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, paired_ratio, per_request_us,
-    release_build, start_gateway,
+    Guard, RemoveCgroups, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, paired_ratio,
+    per_request_us, release_build, start_gateway,
 };
 use crate::wrk::{self, Wrk};
 use anyhow::{Context as _, Result, bail};
@@ -439,27 +439,9 @@ impl Drop for Agent {
     }
 }
 
-/// Removes the data directory on drop.
+/// Sets `path`'s permission bits.
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(())
-}
-
-/// Removes the cgroup directories the gateway leaves when it does not stop cleanly.
-struct RemoveCgroups(String);
-
-impl Drop for RemoveCgroups {
-    fn drop(&mut self) {
-        for root in [
-            "/sys/fs/cgroup/unified",
-            "/sys/fs/cgroup/memory",
-            "/sys/fs/cgroup/cpu",
-        ] {
-            let dir = Path::new(root).join(&self.0);
-            if dir.is_dir() {
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
-    }
 }

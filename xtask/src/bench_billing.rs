@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 use tally_e2e::postgres::{Durability, Postgres};
 
 use crate::bench::{
-    Guard, RemoveDir, agent, deploy_tiny, fresh_data_dir, release_build, start_gateway,
+    Guard, RemoveCgroups, RemoveDir, agent, deploy_tiny, fresh_data_dir, release_build,
+    start_gateway,
 };
 use crate::{run_cmd, wrk};
 
@@ -42,6 +43,8 @@ pub fn run(seconds: u32, rate: u32, connections: u32) -> Result<()> {
             .spawn()?,
     );
     let data = work.clone();
+    // Declared before the gateway, so dropped after it: the gateway stops first.
+    let _cgroups = RemoveCgroups("tally-bench-billing".into());
     let (gateway, url, auth) = start_gateway(
         &bin,
         &data,

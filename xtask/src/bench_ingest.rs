@@ -12,8 +12,8 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 
 use crate::bench::{
-    Guard, RemoveDir, agent, cpu_ticks, fresh_data_dir, median, per_request_us, release_build,
-    start_gateway,
+    Guard, RemoveCgroups, RemoveDir, agent, cpu_ticks, fresh_data_dir, median, per_request_us,
+    release_build, start_gateway,
 };
 use crate::bench_billing::{JSON, POST_EVENTS, as_postcard, post_usage_batch, usage_batch};
 
@@ -29,6 +29,7 @@ struct Gateway {
     pid: u32,
     _gateway: Guard,
     _data: RemoveDir,
+    _cgroups: RemoveCgroups,
 }
 
 /// One gateway fed one body format.
@@ -81,6 +82,7 @@ pub fn run(rounds: usize) -> Result<()> {
             auth,
             _gateway: Guard(gateway),
             _data: RemoveDir(data),
+            _cgroups: RemoveCgroups(cgroup),
         };
         post(&http, &gw, JSON, &batches("warm", WARM_EVENTS, JSON)?)?;
         // Postcard too where the gateway reads it (a baseline may be older than it).
