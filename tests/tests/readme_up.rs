@@ -7,6 +7,15 @@ use std::time::Duration;
 
 use tally_e2e::Running;
 
+/// Removes the stack's cgroup parent (in every hierarchy) on drop.
+struct RemoveCgroups(String);
+
+impl Drop for RemoveCgroups {
+    fn drop(&mut self) {
+        tally_e2e::stack::remove_cgroups(&self.0);
+    }
+}
+
 #[test]
 fn xtask_up_starts_the_stack_and_its_curl_lines_work() {
     let data = tempfile::Builder::new()
@@ -21,6 +30,8 @@ fn xtask_up_starts_the_stack_and_its_curl_lines_work() {
     let listen = format!("127.0.0.1:{port}");
     let data_dir = data.path().to_str().unwrap().to_string();
     let cgroups = format!("tally-e2e-{}", std::process::id());
+    // Declared before the stack, so dropped after it, whether the test passed or not.
+    let _cgroups = RemoveCgroups(cgroups.clone());
     let mut up = Running::cargo(&[
         "xtask",
         "up",
