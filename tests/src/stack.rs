@@ -255,6 +255,16 @@ fn signal(c: &Child, s: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), s);
 }
 
+/// Runs [`remove_cgroups`] on drop: declared before the gateway given that parent, it goes
+/// after it, whether the test or benchmark passed or not.
+pub struct RemoveCgroups(pub String);
+
+impl Drop for RemoveCgroups {
+    fn drop(&mut self) {
+        remove_cgroups(&self.0);
+    }
+}
+
 /// Removes whatever is left of a cgroup tree (after a crash, say), killing its processes.
 pub fn remove_cgroups(parent: &str) {
     for root in [

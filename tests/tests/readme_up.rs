@@ -6,15 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tally_e2e::Running;
-
-/// Removes the stack's cgroup parent (in every hierarchy) on drop.
-struct RemoveCgroups(String);
-
-impl Drop for RemoveCgroups {
-    fn drop(&mut self) {
-        tally_e2e::stack::remove_cgroups(&self.0);
-    }
-}
+use tally_e2e::stack::RemoveCgroups;
 
 #[test]
 fn xtask_up_starts_the_stack_and_its_curl_lines_work() {

@@ -142,20 +142,9 @@ impl Drop for RemoveDir {
     }
 }
 
-/// Removes a benchmark gateway's `--cgroup-parent` directory from every cgroup hierarchy on
-/// drop (only where empty: drop it after the gateway, which removes its replicas' cgroups).
-pub(crate) struct RemoveCgroups(pub(crate) String);
-
-impl Drop for RemoveCgroups {
-    fn drop(&mut self) {
-        let root = Path::new("/sys/fs/cgroup");
-        // cgroup v2 at the root, and each v1 hierarchy (or v2's `unified`) below it.
-        let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
-        for dir in std::iter::once(root.to_path_buf()).chain(hierarchies.map(|e| e.path())) {
-            let _ = std::fs::remove_dir(dir.join(&self.0));
-        }
-    }
-}
+/// A benchmark gateway's `--cgroup-parent`, removed from every hierarchy on drop (the
+/// end-to-end tests' guard; drop it after the gateway).
+pub(crate) use tally_e2e::stack::RemoveCgroups;
 
 /// Kills the child on drop, so a failed benchmark leaves nothing running.
 pub(crate) struct Guard(pub(crate) Child);

@@ -24,9 +24,15 @@ pub const PARKED_SUBJECT: &str = "tally.usage.parked";
 /// An event's line as buffered, spooled and published: its JSON and a newline.
 pub fn line(event: &UsageLine<'_>) -> Bytes {
     let mut out = Vec::with_capacity(LINE_CAPACITY);
-    event.write(&mut out);
-    out.push(b'\n');
+    write_line(event, &mut out);
     Bytes::from(out)
+}
+
+/// Appends `event`'s line (see [`line`]) to `out`.
+#[inline]
+pub fn write_line(event: &UsageLine<'_>, out: &mut Vec<u8>) {
+    event.write(out);
+    out.push(b'\n');
 }
 
 /// Enough for a typical event's line without growing.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::event::{FunctionUsage, UsageLine, rfc3339_fast};
-use super::flush::Flusher;
+use super::flush::{self, Flusher};
 use super::ingest::UsageEvent;
 use crate::Gateway;
 use crate::config::MeteringConfig;
@@ -123,8 +123,7 @@ impl Meter {
             // thread's scratch buffer: no allocation per event.
             LINE.with_borrow_mut(|buf| {
                 buf.clear();
-                line.write(buf);
-                buf.push(b'\n');
+                flush::write_line(&line, buf);
                 self.flusher.send_line(gw, buf);
             });
             return;
