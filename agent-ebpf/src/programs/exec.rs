@@ -23,7 +23,8 @@ pub fn tally_exec(ctx: TracePointContext) -> u32 {
     if m != mode::FORK {
         return 0;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let Some(p) = proc_entry(tgid) else {
         count(&ctx, stat::PROCESS_MAP_FULL);
         return 0;
@@ -37,7 +38,7 @@ pub fn tally_exec(ctx: TracePointContext) -> u32 {
             super::cpu::settle(p, false);
         }
         if (*p).call_id_len == 0
-            && let Some(r) = regs::current()
+            && let Some(r) = regs::current(pid_tgid)
         {
             read_call_id(p, r.sp);
         }

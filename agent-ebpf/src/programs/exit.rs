@@ -24,7 +24,8 @@ const GROUP_DEAD: usize = 32;
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn tally_exit(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: reading the tracepoint record at offsets from its format file.
     let (pid, group_dead) = unsafe {
         (
@@ -41,7 +42,7 @@ pub fn tally_exit(ctx: TracePointContext) -> u32 {
     let Some((_, m)) = watched() else { return 0 };
     if m == mode::FORK
         && let Some(p) = PROCS.get_ptr_mut(tgid)
-        && let Some(r) = regs::current()
+        && let Some(r) = regs::current(pid_tgid)
         && (r.orig_ax == NR_EXIT_GROUP || (r.orig_ax == NR_EXIT && group_dead != 0))
     {
         // SAFETY: `p` points into PROCS; only this process writes its exit code.

@@ -63,7 +63,7 @@ pub fn start_request<C: EbpfContext>(
 /// `n`, already at most `max` (a power of two), with that bound spelled out for the
 /// verifier, which does not carry it through a branch: a mask, then a clamp.
 #[inline(always)]
-fn verifier_bound(n: u32, max: u32) -> u32 {
+pub fn verifier_bound(n: u32, max: u32) -> u32 {
     let n = n & (2 * max - 1);
     if n > max { max } else { n }
 }

@@ -96,7 +96,12 @@ pub struct Scratch {
     pub header_end: u64,
     /// Bytes of `buf` that the write really sent (the rest is whatever followed in memory).
     pub valid: u64,
+    /// A writev's iovec array, copied in one helper call.
+    pub iov: [[u64; 2]; MAX_IOV],
 }
+
+/// iovecs of a writev looked at to find where its bytes end.
+pub const MAX_IOV: usize = 16;
 
 /// Response bytes scanned for `Content-Length` / `Transfer-Encoding`.
 pub const SCAN_LEN: usize = 512;

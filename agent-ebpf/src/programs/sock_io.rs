@@ -58,7 +58,8 @@ pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
     if ret <= 0 || int_arg(&ctx, 2) as u32 & MSG_PEEK != 0 {
         return 0;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     if !tgids::marked(tgid) {
         return 0;
     }
@@ -72,7 +73,7 @@ pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
     if !seen_here && watched_marked_in(tgid, cgroup_id) != Some(mode::HTTP) {
         return 0;
     }
-    let Some(r) = regs::current() else {
+    let Some(r) = regs::current(pid_tgid) else {
         return 0;
     };
     let vectored = match r.orig_ax {
@@ -98,7 +99,8 @@ pub fn tally_sock_recv(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn tally_sock_send(ctx: RawTracePointContext) -> u32 {
     let ret = int_arg(&ctx, 1);
-    if ret <= 0 || !tgids::marked((bpf_get_current_pid_tgid() >> 32) as u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if ret <= 0 || !tgids::marked((pid_tgid >> 32) as u32) {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
@@ -109,7 +111,7 @@ pub fn tally_sock_send(ctx: RawTracePointContext) -> u32 {
     if unsafe { (*c).state } == conn::IDLE {
         return 0; // no exchange open: a write outside any response
     }
-    let Some(r) = regs::current() else {
+    let Some(r) = regs::current(pid_tgid) else {
         return 0;
     };
     let vectored = match r.orig_ax {
@@ -117,7 +119,7 @@ pub fn tally_sock_send(ctx: RawTracePointContext) -> u32 {
         nr::WRITEV => 1,
         _ => return 0,
     };
-    sock_write::exit(&ctx, c, r.si, vectored, ret);
+    sock_write::exit(&ctx, c, r.si, r.dx, vectored, ret);
     0
 }
 

@@ -1,19 +1,23 @@
 //! Socket writes (write/sendto/writev) of http-mode replicas, through [`super::sock_io`]:
 //! the response's first write (status line), its bytes, and its last write.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_probe_read_user};
+use aya_ebpf::{EbpfContext, helpers::generated::bpf_probe_read_user as read_user_raw};
 
 use agent_common::HttpRecord;
 
-use super::http;
+use super::{MAX_IOV, SCRATCH, http};
 
-/// iovecs walked to find where a writev's bytes end.
-const MAX_IOV: usize = 16;
-
-/// Accounts the `ret` bytes a write of `buf` (an iovec array when `vectored`) sent on the
-/// connection `c` (its CONNS entry).
+/// Accounts the `ret` bytes a write of `buf` (an array of `count` iovecs when `vectored`)
+/// sent on the connection `c` (its CONNS entry).
 #[inline(always)]
-pub fn exit<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, buf: u64, vectored: u8, ret: i64) {
+pub fn exit<C: EbpfContext>(
+    ctx: &C,
+    c: *mut HttpRecord,
+    buf: u64,
+    count: u64,
+    vectored: u8,
+    ret: i64,
+) {
     if ret <= 0 {
         return;
     }
@@ -24,19 +28,29 @@ pub fn exit<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, buf: u64, vectored: u8,
         return;
     }
     // writev: the first segment holds the status line; find where the written bytes end.
-    let mut first = (0u64, 0u64);
+    // The iovecs (at most MAX_IOV) are copied in one helper call, not one per segment.
+    let n = if count > MAX_IOV as u64 {
+        MAX_IOV as u32
+    } else {
+        count as u32
+    };
+    if n == 0 {
+        return;
+    }
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let size = http::verifier_bound(n * 16, (MAX_IOV * 16) as u32);
+    // SAFETY: the scratch slot is this CPU's; user memory is read through the helper.
+    if unsafe { read_user_raw((*sc).iov.as_mut_ptr().cast(), size, buf as *const _) } < 0 {
+        return;
+    }
     let mut tail = 0u64;
     let mut left = written;
     let mut i = 0;
-    while i < MAX_IOV {
-        // SAFETY: user memory is read through the checked helper only.
-        let Ok(iov) = (unsafe { bpf_probe_read_user((buf as *const [u64; 2]).wrapping_add(i)) })
-        else {
-            break;
-        };
-        if i == 0 {
-            first = (iov[0], iov[1]);
-        }
+    while i < MAX_IOV && i < n as usize {
+        // SAFETY: as above; `i < MAX_IOV`.
+        let iov = unsafe { (*sc).iov[i] };
         if left <= iov[1] {
             if left >= 5 {
                 tail = iov[0] + left - 5;
@@ -46,5 +60,7 @@ pub fn exit<C: EbpfContext>(ctx: &C, c: *mut HttpRecord, buf: u64, vectored: u8,
         left -= iov[1];
         i += 1;
     }
-    http::on_write(ctx, c, first.0, first.1, written, tail);
+    // SAFETY: as above.
+    let first = unsafe { (*sc).iov[0] };
+    http::on_write(ctx, c, first[0], first[1], written, tail);
 }
