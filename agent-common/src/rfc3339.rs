@@ -2,6 +2,7 @@
 //! stack buffer (no `fmt`), as chrono's `to_rfc3339_opts(Nanos, true)` writes it.
 
 /// `2026-11-23T03:02:01.123456789Z`.
+#[derive(Clone, Copy)]
 pub struct Rfc3339 {
     buf: [u8; 30],
 }
@@ -34,6 +35,16 @@ impl Rfc3339 {
         put(17, 2, rem % 60);
         put(20, 9, u64::from(nanos));
         Some(Self { buf })
+    }
+
+    /// The same second with `nanos` (< 10⁹) nanoseconds: a time in the second of the last
+    /// one costs nine digits, not the calendar.
+    pub fn set_nanos(&mut self, nanos: u32) {
+        let mut v = nanos % 1_000_000_000;
+        for i in (20..29).rev() {
+            self.buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -81,6 +92,14 @@ mod tests {
                 .expect("in range")
                 .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
             assert_eq!(ours.as_str(), theirs, "{secs}");
+            // The same second with other nanoseconds, as a cached second is reused.
+            let mut same = ours;
+            let other = (nanos + 123_456_789) % 1_000_000_000;
+            same.set_nanos(other);
+            let theirs = chrono::DateTime::from_timestamp(secs as i64, other)
+                .expect("in range")
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            assert_eq!(same.as_str(), theirs, "{secs}.{other}");
         }
         assert!(
             Rfc3339::from_unix(253_402_300_800, 0).is_none(),

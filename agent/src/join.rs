@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{HttpRecord, ProcessRecord, proc_flag};
+use agent_common::{HttpRecord, ProcessRecord, proc_flag, rfc3339::Rfc3339};
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::{event::UsageEvent, records};
@@ -41,6 +41,9 @@ pub struct Joiner {
     clock_offset: i128,
     /// Whether `sched_switch` is attached: without it `cpu_ns` is not measured.
     cpu_time: bool,
+    /// The last `started` written, by its Unix second: events come in bursts of the same
+    /// second, which then cost nine digits instead of the calendar.
+    last_second: Option<(u64, Rfc3339)>,
 }
 
 /// Why a record produced no event.
@@ -60,6 +63,7 @@ impl Joiner {
             children: HashMap::new(),
             clock_offset,
             cpu_time: true,
+            last_second: None,
         }
     }
 
@@ -96,13 +100,20 @@ impl Joiner {
             .or_else(|| self.gone.get(&cgroup_id).map(|(i, _)| i))
     }
 
-    fn rfc3339(&self, mono_ns: u64) -> String {
+    fn rfc3339(&mut self, mono_ns: u64) -> String {
         let ns = (mono_ns as i128 + self.clock_offset).clamp(0, i64::MAX as i128) as i64;
-        match agent_common::rfc3339::Rfc3339::from_unix(
-            (ns / 1_000_000_000) as u64,
-            (ns % 1_000_000_000) as u32,
-        ) {
-            Some(fast) => fast.as_str().to_owned(),
+        let (secs, nanos) = ((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
+        if let Some((s, text)) = &mut self.last_second
+            && *s == secs
+        {
+            text.set_nanos(nanos);
+            return text.as_str().to_owned();
+        }
+        match Rfc3339::from_unix(secs, nanos) {
+            Some(fast) => {
+                self.last_second = Some((secs, fast));
+                fast.as_str().to_owned()
+            }
             None => DateTime::<Utc>::from_timestamp_nanos(ns)
                 .to_rfc3339_opts(SecondsFormat::Nanos, true),
         }
@@ -132,13 +143,14 @@ impl Joiner {
             .and_then(|id| self.children.remove(id))
             .map_or((0, 0), |p| (p.peak, p.cpu_ns));
         let cpu = r.cpu_ns + child_cpu;
+        let started = self.rfc3339(r.start_ns);
         Ok(UsageEvent {
             id: crate::event::new_id(),
             call_id,
             namespace: info.namespace.clone(),
             function_name: info.function.clone(),
             replica: info.replica.clone(),
-            started: self.rfc3339(r.start_ns),
+            started,
             duration_ns: r.end_ns.saturating_sub(r.start_ns),
             status_code: records::fork_status(r.exit_code),
             memory_peak_bytes: r.peak_rss_bytes.max(child_peak),
@@ -151,6 +163,7 @@ impl Joiner {
 
     /// An http-mode request/response exchange completed.
     pub fn http(&mut self, r: &HttpRecord) -> Result<UsageEvent, Skip> {
+        let started = self.rfc3339(r.request_ns);
         let info = self
             .replica(r.cgroup_id)
             .ok_or(Skip::UnknownCgroup(r.cgroup_id))?;
@@ -161,7 +174,7 @@ impl Joiner {
             namespace: info.namespace.clone(),
             function_name: info.function.clone(),
             replica: info.replica.clone(),
-            started: self.rfc3339(r.request_ns),
+            started,
             duration_ns: r.end_ns.saturating_sub(r.request_ns),
             status_code: r.status,
             memory_peak_bytes: r.peak_rss_bytes,

@@ -3,30 +3,31 @@
 
 /// The value of the first `X-Call-Id` header in a request head (case-insensitive name).
 /// `None` if the header is absent or cut off by the copy's length limit. One pass over the
-/// header lines, stopping at the blank line that ends them.
+/// header lines (found with `memchr`), stopping at the blank line that ends them.
 pub fn call_id_from_head(head: &[u8]) -> Option<String> {
     const NAME: &[u8] = b"x-call-id:";
-    let mut rest = head;
-    let mut first = true;
-    loop {
-        // A line without its '\n' was cut by the copy: its value may be truncated.
-        let nl = rest.iter().position(|&b| b == b'\n')?;
-        let line = &rest[..nl];
-        rest = &rest[nl + 1..];
+    // A line without its '\n' was cut by the copy: its value may be truncated, so only
+    // complete lines are looked at. The first is the request line.
+    let mut ends = memchr::memchr_iter(b'\n', head);
+    let mut start = ends.next()? + 1;
+    for nl in ends {
+        let line = &head[start..nl];
+        start = nl + 1;
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if std::mem::take(&mut first) {
-            continue; // the request line
-        }
         if line.is_empty() {
             return None; // end of the headers
         }
         if line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME) {
-            let value = String::from_utf8_lossy(&line[NAME.len()..])
-                .trim()
-                .to_owned();
-            return (!value.is_empty()).then_some(value);
+            let raw = &line[NAME.len()..];
+            let text = match std::str::from_utf8(raw) {
+                Ok(s) => std::borrow::Cow::Borrowed(s),
+                Err(_) => String::from_utf8_lossy(raw),
+            };
+            let value = text.trim();
+            return (!value.is_empty()).then(|| value.to_owned());
         }
     }
+    None
 }
 
 /// The call id a fork-mode process carried in its environment.
@@ -66,6 +67,11 @@ mod tests {
         // Only the header block counts, not a body that looks like a header.
         let head = b"POST / HTTP/1.1\r\nHost: a\r\n\r\nX-Call-Id: body\r\n";
         assert_eq!(call_id_from_head(head), None);
+        // No line end at all, an empty value, and a value that is not UTF-8.
+        assert_eq!(call_id_from_head(b"GET / HTTP/1.1"), None);
+        assert_eq!(call_id_from_head(b"GET / HTTP/1.1\nX-Call-Id:  \n\n"), None);
+        let head = b"GET / HTTP/1.1\r\nX-Call-Id: a\xffb\r\n\r\n";
+        assert_eq!(call_id_from_head(head).as_deref(), Some("a\u{fffd}b"));
     }
 
     #[test]

@@ -112,10 +112,11 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut syncs = 0u64;
-    let mut per_function = FunctionMetrics::default();
-    let mut emit = |ev: UsageEvent| {
-        per_function.observe(&metrics, &ev);
-        sink.submit(ev);
+    let mut emit = Outbox {
+        sink: &*sink,
+        metrics: &metrics,
+        per_function: FunctionMetrics::default(),
+        pending: Vec::new(),
     };
     loop {
         tokio::select! {
@@ -196,6 +197,36 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
     Ok(())
 }
 
+/// Events an [`Outbox`] holds at most before it hands them over (a drain of a full ring
+/// would otherwise hold all of them, beside the forwarder's own bounded buffer).
+const OUTBOX_MAX: usize = 1024;
+
+/// The events of one drain on their way to the sink: counted in the per-function metrics
+/// as they come, handed over together ([`EventSink::submit_all`]: one lock and one wakeup
+/// of the forwarder per drain, not per event).
+struct Outbox<'a> {
+    sink: &'a dyn EventSink,
+    metrics: &'a Metrics,
+    per_function: FunctionMetrics,
+    pending: Vec<UsageEvent>,
+}
+
+impl Outbox<'_> {
+    fn push(&mut self, ev: UsageEvent) {
+        self.per_function.observe(self.metrics, &ev);
+        self.pending.push(ev);
+        if self.pending.len() >= OUTBOX_MAX {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            self.sink.submit_all(&mut self.pending);
+        }
+    }
+}
+
 /// The per-function handles of the two metrics every event updates, so that an event costs
 /// no label hashing and no lock (`with_label_values` does both, twice per event).
 #[derive(Default)]
@@ -253,35 +284,42 @@ fn drain_processes(
     ring: &mut RingBuf<MapData>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &mut impl FnMut(UsageEvent),
+    emit: &mut Outbox<'_>,
 ) {
     while let Some(item) = ring.next() {
         let Some(r) = sys::decode::<ProcessRecord>(&item) else {
             continue;
         };
         match joiner.process(&r) {
-            Ok(ev) => emit(ev),
+            Ok(ev) => emit.push(ev),
             Err(Skip::UnknownCgroup(_)) => metrics.unmatched_records.inc(),
             Err(Skip::Child) => {}
         }
     }
+    emit.flush();
 }
 
 fn drain_http(
     ring: &mut RingBuf<MapData>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &mut impl FnMut(UsageEvent),
+    emit: &mut Outbox<'_>,
 ) {
+    // One record for the whole drain, each item copied over it: only the bytes it carries.
+    let mut r: Box<HttpRecord> = Box::new(sys::zeroed());
     while let Some(item) = ring.next() {
-        let Some(r) = sys::decode_prefix::<HttpRecord>(&item, HTTP_RECORD_MIN) else {
+        let n = sys::decode_prefix_into(&item, HTTP_RECORD_MIN, &mut *r);
+        if n == 0 {
             continue;
-        };
+        }
+        // Head bytes past the item's end are an earlier record's: never read as this one's.
+        r.head_len = r.head_len.min((n - HTTP_RECORD_MIN) as u32);
         match joiner.http(&r) {
-            Ok(ev) => emit(ev),
+            Ok(ev) => emit.push(ev),
             Err(_) => metrics.unmatched_records.inc(),
         }
     }
+    emit.flush();
 }
 
 /// Removes kernel state of processes that are gone. The kernel ends a connection when its
@@ -295,7 +333,7 @@ fn sweep(
     cgroup_mem: &mut aya::maps::HashMap<MapData, u64, CgroupMem>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &mut impl FnMut(UsageEvent),
+    emit: &mut Outbox<'_>,
 ) {
     let alive = |tgid: u32| std::path::Path::new(&format!("/proc/{tgid}")).exists();
     let dead: Vec<u64> = conns
@@ -322,12 +360,13 @@ fn sweep(
                 let _ = cgroup_mem.insert(r.cgroup_id, m, 2); // BPF_EXIST
             }
             match joiner.http(&r) {
-                Ok(ev) => emit(ev),
+                Ok(ev) => emit.push(ev),
                 Err(_) => metrics.unmatched_records.inc(),
             }
         }
         let _ = conns.remove(&key);
     }
+    emit.flush();
     let dead: Vec<u32> = procs
         .keys()
         .filter_map(Result::ok)

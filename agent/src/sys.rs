@@ -16,6 +16,12 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
     decode_prefix(bytes, mem::size_of::<T>())
 }
 
+/// A record of zeros.
+pub fn zeroed<T: Record>() -> T {
+    // SAFETY: `Record` types are #[repr(C)] integers/byte arrays: all zeros is valid.
+    unsafe { mem::MaybeUninit::<T>::zeroed().assume_init() }
+}
+
 /// Decodes a ring-buffer item that may stop short of `T`'s end (the kernel sends an
 /// [`HttpRecord`] only up to the request head bytes it holds): the missing tail reads as
 /// zeros. `None` if the item is shorter than `min_len`.
@@ -32,6 +38,23 @@ pub fn decode_prefix<T: Record>(bytes: &[u8], min_len: usize) -> Option<T> {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), value.as_mut_ptr().cast::<u8>(), n);
         Some(value.assume_init())
     }
+}
+
+/// [`decode_prefix`] into `value`, whose bytes past the item's end stay as they were (no
+/// zero-fill and move of a whole `T` per record, ≈ 1 KiB for an [`HttpRecord`]); how many
+/// bytes the item gave, 0 (and `value` untouched) if it is shorter than `min_len`.
+pub fn decode_prefix_into<T: Record>(bytes: &[u8], min_len: usize, value: &mut T) -> usize {
+    if bytes.len() < min_len {
+        return 0;
+    }
+    let n = bytes.len().min(mem::size_of::<T>());
+    // SAFETY: at most size_of::<T>() bytes are copied into a valid `T`'s own storage, from a
+    // slice holding at least that many; `Record` types are #[repr(C)] integers/byte arrays,
+    // for which any bits are valid.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (value as *mut T).cast::<u8>(), n);
+    }
+    n
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -117,6 +140,27 @@ mod tests {
         let full = vec![1u8; mem::size_of::<HttpRecord>() + 8];
         let r: HttpRecord = decode_prefix(&full, head_at).expect("full");
         assert_eq!(r.head[HEAD_LEN_LAST], 1);
+    }
+
+    #[test]
+    fn decoding_into_a_record_keeps_its_tail() {
+        let head_at = mem::offset_of!(HttpRecord, head);
+        let mut r: HttpRecord = decode(&vec![7u8; mem::size_of::<HttpRecord>()]).expect("full");
+        let mut bytes = vec![0u8; head_at + 3];
+        bytes[..8].copy_from_slice(&42u64.to_ne_bytes());
+        bytes[head_at..].copy_from_slice(b"GET");
+        assert_eq!(decode_prefix_into(&bytes, head_at, &mut r), head_at + 3);
+        assert_eq!(r.cgroup_id, 42);
+        assert_eq!(
+            &r.head[..4],
+            b"GET\x07",
+            "the bytes past the item are the old ones"
+        );
+        assert_eq!(
+            decode_prefix_into(&bytes[..head_at - 1], head_at, &mut r),
+            0
+        );
+        assert_eq!(r.cgroup_id, 42, "a short item leaves the record as it was");
     }
 
     const HEAD_LEN_LAST: usize = agent_common::HEAD_LEN - 1;

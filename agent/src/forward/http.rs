@@ -66,8 +66,13 @@ pub struct HttpForwarder {
 
 impl EventSink for HttpForwarder {
     fn submit(&self, event: UsageEvent) {
+        self.submit_all(&mut vec![event]);
+    }
+
+    /// One lock and one wakeup for the whole drain's events.
+    fn submit_all(&self, events: &mut Vec<UsageEvent>) {
         let mut q = self.lock();
-        q.memory.push_back(event);
+        q.memory.extend(events.drain(..));
         while q.memory.len() > self.capacity {
             self.spill(&mut q);
         }
@@ -314,8 +319,7 @@ impl HttpForwarder {
 fn encode(format: IngestFormat, batch: &[UsageEvent]) -> Option<(Vec<u8>, &'static str)> {
     match format {
         IngestFormat::Postcard => {
-            let wire: Vec<_> = batch.iter().map(UsageEvent::wire).collect();
-            let body = agent_common::wire::encode(&wire).ok()?;
+            let body = agent_common::wire::encode_each(batch.iter().map(UsageEvent::wire)).ok()?;
             Some((body, agent_common::wire::CONTENT_TYPE))
         }
         IngestFormat::Json => Some((serde_json::to_vec(batch).ok()?, "application/json")),

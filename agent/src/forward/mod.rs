@@ -16,6 +16,13 @@ use crate::event::UsageEvent;
 /// Takes usage events without blocking the agent's read loop.
 pub trait EventSink: Send + Sync + 'static {
     fn submit(&self, event: UsageEvent);
+
+    /// Takes every event of `events` (leaving it empty), in order; by default one by one.
+    fn submit_all(&self, events: &mut Vec<UsageEvent>) {
+        for e in events.drain(..) {
+            self.submit(e);
+        }
+    }
 }
 
 /// Hands every event to an unbounded channel.
