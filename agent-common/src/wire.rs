@@ -38,106 +38,45 @@ pub struct Usage<'a> {
 
 /// A batch as a request body.
 pub fn encode(batch: &[Usage<'_>]) -> Result<Vec<u8>, postcard::Error> {
-    encode_each(batch.iter().map(Usage::borrowed))
+    postcard::to_extend(batch, body_buffer(batch.len()))
 }
 
 /// A batch as a request body, from events made one by one (no slice of them collected
-/// first). The bytes are postcard's for `&[Usage]`, written by hand: serde's path cost the
-/// agent a call per field and a small copy per byte run, ≈ 15% of its CPU per event (see
-/// BENCHMARKS.md). An iterator that yields another count than its `len()` is an error.
+/// first); the bytes are those [`encode`] writes for the same events. An iterator that
+/// yields another count than its `len()` is an error.
 pub fn encode_each<'a>(
     batch: impl ExactSizeIterator<Item = Usage<'a>>,
 ) -> Result<Vec<u8>, postcard::Error> {
     let len = batch.len();
-    // An agent's event is ≈ 150 bytes: one allocation for most batches.
-    let mut out = Vec::with_capacity(10 + len.saturating_mul(160));
-    put_varint(&mut out, len as u64);
-    let mut n = 0;
-    for u in batch {
-        u.put(&mut out);
-        n += 1;
-    }
-    if n != len {
-        return Err(postcard::Error::SerializeSeqLengthUnknown);
-    }
-    Ok(out)
+    postcard::to_extend(&Each(core::cell::Cell::new(Some(batch))), body_buffer(len))
 }
 
-impl Usage<'_> {
-    /// The same event with every string borrowed from this one.
-    pub fn borrowed(&self) -> Usage<'_> {
-        Usage {
-            id: self.id.as_deref().map(Cow::Borrowed),
-            call_id: self.call_id.as_deref().map(Cow::Borrowed),
-            namespace: Cow::Borrowed(&self.namespace),
-            function_name: Cow::Borrowed(&self.function_name),
-            replica: self.replica.as_deref().map(Cow::Borrowed),
-            started: Cow::Borrowed(&self.started),
-            duration_ns: self.duration_ns,
-            status_code: self.status_code,
-            memory_peak_bytes: self.memory_peak_bytes,
-            memory_limit_bytes: self.memory_limit_bytes,
-            cpu_ns: self.cpu_ns,
-            exit_code: self.exit_code,
-            source: Cow::Borrowed(&self.source),
+/// A body's buffer, sized for `events` (≈ 150 bytes each) so that it is not regrown: with
+/// postcard's own growing vector a batch cost ≈ 20% more per event (BENCHMARKS.md).
+fn body_buffer(events: usize) -> Vec<u8> {
+    Vec::with_capacity(10 + events.saturating_mul(160))
+}
+
+/// An iterator serialized once, as a sequence of its known length.
+struct Each<I>(core::cell::Cell<Option<I>>);
+
+impl<'a, I: ExactSizeIterator<Item = Usage<'a>>> Serialize for Each<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let Some(batch) = self.0.take() else {
+            return Err(S::Error::custom("a batch iterator serializes once"));
+        };
+        let len = batch.len();
+        let mut seq = s.serialize_seq(Some(len))?;
+        let mut n = 0;
+        for u in batch {
+            seq.serialize_element(&u)?;
+            n += 1;
         }
-    }
-
-    /// Appends this event as postcard writes a struct: its fields in order, integers as
-    /// LEB128 varints (`i32` zigzagged first), strings length-first, options tagged 0/1.
-    fn put(&self, out: &mut Vec<u8>) {
-        put_opt_str(out, self.id.as_deref());
-        put_opt_str(out, self.call_id.as_deref());
-        put_str(out, &self.namespace);
-        put_str(out, &self.function_name);
-        put_opt_str(out, self.replica.as_deref());
-        put_str(out, &self.started);
-        put_varint(out, self.duration_ns);
-        put_varint(out, u64::from(self.status_code));
-        put_varint(out, self.memory_peak_bytes);
-        put_opt_u64(out, self.memory_limit_bytes);
-        put_opt_u64(out, self.cpu_ns);
-        match self.exit_code {
-            None => out.push(0),
-            Some(c) => {
-                out.push(1);
-                put_varint(out, u64::from(((c << 1) ^ (c >> 31)) as u32));
-            }
+        if n != len {
+            return Err(S::Error::custom("the batch iterator lied about its length"));
         }
-        put_str(out, &self.source);
-    }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    put_varint(out, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        None => out.push(0),
-        Some(s) => {
-            out.push(1);
-            put_str(out, s);
-        }
-    }
-}
-
-fn put_opt_u64(out: &mut Vec<u8>, v: Option<u64>) {
-    match v {
-        None => out.push(0),
-        Some(v) => {
-            out.push(1);
-            put_varint(out, v);
-        }
+        seq.end()
     }
 }
 
@@ -185,7 +124,7 @@ mod tests {
     }
 
     #[test]
-    fn the_hand_encoder_writes_postcards_bytes() {
+    fn batches_are_postcards_bytes_however_made() {
         let mut t = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             t ^= t << 13;
@@ -220,13 +159,15 @@ mod tests {
             batch.push(u);
         }
         for n in [0, 1, 2, 127, 128, 500] {
-            let by_hand = encode(&batch[..n]).unwrap();
+            let body = encode(&batch[..n]).unwrap();
             assert_eq!(
-                by_hand,
+                body,
                 postcard::to_allocvec(&batch[..n]).unwrap(),
                 "{n} events"
             );
-            assert_eq!(decode(&by_hand).unwrap(), batch[..n]);
+            let each = encode_each(batch[..n].iter().cloned()).unwrap();
+            assert_eq!(each, body, "{n} events, one by one");
+            assert_eq!(decode(&body).unwrap(), batch[..n]);
         }
     }
 

@@ -112,7 +112,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut syncs = 0u64;
-    let mut emit = Outbox {
+    let mut outbox = Outbox {
         sink: &*sink,
         metrics: &metrics,
         per_function: FunctionMetrics::default(),
@@ -139,8 +139,8 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             }
             _ = drain_tick.tick() => {
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut emit);
-                drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut emit);
+                drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut outbox);
+                drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut outbox);
             }
             guard = new_cgroups.readable_mut() => {
                 let mut guard = guard?;
@@ -151,13 +151,13 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
                 let mut guard = guard?;
                 // A record may come from a replica found after the last look at NEW_CGROUPS.
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_processes(guard.get_inner_mut(), &mut joiner, &metrics, &mut emit);
+                drain_processes(guard.get_inner_mut(), &mut joiner, &metrics, &mut outbox);
                 guard.clear_ready();
             }
             guard = http_events.readable_mut() => {
                 let mut guard = guard?;
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_http(guard.get_inner_mut(), &mut joiner, &metrics, &mut emit);
+                drain_http(guard.get_inner_mut(), &mut joiner, &metrics, &mut outbox);
                 guard.clear_ready();
             }
             guard = async { logger.as_mut().expect("guarded").readable_mut().await }, if logger.is_some() => {
@@ -167,7 +167,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             }
             _ = stats_tick.tick() => {
                 kernel_stats(&ebpf, &stats, &metrics);
-                sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &metrics, &mut emit);
+                sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &metrics, &mut outbox);
             }
             _ = pause.recv() => {
                 match attachments.pause(&mut ebpf) {
@@ -191,8 +191,8 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
         }
     }
     drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-    drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut emit);
-    drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut emit);
+    drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut outbox);
+    drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut outbox);
     info!("agent stopped; eBPF programs detach now");
     Ok(())
 }
@@ -284,26 +284,26 @@ fn drain_processes(
     ring: &mut RingBuf<MapData>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &mut Outbox<'_>,
+    outbox: &mut Outbox<'_>,
 ) {
     while let Some(item) = ring.next() {
         let Some(r) = sys::decode::<ProcessRecord>(&item) else {
             continue;
         };
         match joiner.process(&r) {
-            Ok(ev) => emit.push(ev),
+            Ok(ev) => outbox.push(ev),
             Err(Skip::UnknownCgroup(_)) => metrics.unmatched_records.inc(),
             Err(Skip::Child) => {}
         }
     }
-    emit.flush();
+    outbox.flush();
 }
 
 fn drain_http(
     ring: &mut RingBuf<MapData>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &mut Outbox<'_>,
+    outbox: &mut Outbox<'_>,
 ) {
     // One record for the whole drain, each item copied over it: only the bytes it carries.
     let mut r: Box<HttpRecord> = Box::new(sys::zeroed());
@@ -315,11 +315,11 @@ fn drain_http(
         // Head bytes past the item's end are an earlier record's: never read as this one's.
         r.head_len = r.head_len.min((n - HTTP_RECORD_MIN) as u32);
         match joiner.http(&r) {
-            Ok(ev) => emit.push(ev),
+            Ok(ev) => outbox.push(ev),
             Err(_) => metrics.unmatched_records.inc(),
         }
     }
-    emit.flush();
+    outbox.flush();
 }
 
 /// Removes kernel state of processes that are gone. The kernel ends a connection when its
@@ -333,7 +333,7 @@ fn sweep(
     cgroup_mem: &mut aya::maps::HashMap<MapData, u64, CgroupMem>,
     joiner: &mut Joiner,
     metrics: &Metrics,
-    emit: &mut Outbox<'_>,
+    outbox: &mut Outbox<'_>,
 ) {
     let alive = |tgid: u32| std::path::Path::new(&format!("/proc/{tgid}")).exists();
     let dead: Vec<u64> = conns
@@ -360,13 +360,13 @@ fn sweep(
                 let _ = cgroup_mem.insert(r.cgroup_id, m, 2); // BPF_EXIST
             }
             match joiner.http(&r) {
-                Ok(ev) => emit.push(ev),
+                Ok(ev) => outbox.push(ev),
                 Err(_) => metrics.unmatched_records.inc(),
             }
         }
         let _ = conns.remove(&key);
     }
-    emit.flush();
+    outbox.flush();
     let dead: Vec<u32> = procs
         .keys()
         .filter_map(Result::ok)
