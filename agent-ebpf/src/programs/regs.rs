@@ -51,7 +51,7 @@ const USER_CS: u64 = 0x33;
 
 /// Per CPU, where the user registers of the last few threads that got here are: a thread
 /// keeps its kernel stack for life, so its next syscall on this CPU skips reading
-/// `task->stack` (a helper call of ≈ 100 ns on our VMs, on every request of a replica).
+/// `task->stack` (one `bpf_probe_read_kernel` fewer per socket call of a replica).
 #[map]
 pub static REGS_CACHE: PerCpuArray<RegsCache> = PerCpuArray::with_max_entries(1, 0);
 
