@@ -139,8 +139,8 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             }
             _ = drain_tick.tick() => {
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut outbox);
-                drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut outbox);
+                drain_processes(process_events.get_mut(), &mut joiner, &mut outbox);
+                drain_http(http_events.get_mut(), &mut joiner, &mut outbox);
             }
             guard = new_cgroups.readable_mut() => {
                 let mut guard = guard?;
@@ -151,13 +151,13 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
                 let mut guard = guard?;
                 // A record may come from a replica found after the last look at NEW_CGROUPS.
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_processes(guard.get_inner_mut(), &mut joiner, &metrics, &mut outbox);
+                drain_processes(guard.get_inner_mut(), &mut joiner, &mut outbox);
                 guard.clear_ready();
             }
             guard = http_events.readable_mut() => {
                 let mut guard = guard?;
                 drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-                drain_http(guard.get_inner_mut(), &mut joiner, &metrics, &mut outbox);
+                drain_http(guard.get_inner_mut(), &mut joiner, &mut outbox);
                 guard.clear_ready();
             }
             guard = async { logger.as_mut().expect("guarded").readable_mut().await }, if logger.is_some() => {
@@ -167,7 +167,7 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
             }
             _ = stats_tick.tick() => {
                 kernel_stats(&ebpf, &stats, &metrics);
-                sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &metrics, &mut outbox);
+                sweep(&mut conns, &mut procs, &exited, replicas.cgroup_mem(), &mut joiner, &mut outbox);
             }
             _ = pause.recv() => {
                 match attachments.pause(&mut ebpf) {
@@ -191,8 +191,8 @@ pub async fn run<W: WorkloadSource, S: EventSink>(
         }
     }
     drain_new(new_cgroups.get_mut(), &mut replicas, &mut joiner, &metrics);
-    drain_processes(process_events.get_mut(), &mut joiner, &metrics, &mut outbox);
-    drain_http(http_events.get_mut(), &mut joiner, &metrics, &mut outbox);
+    drain_processes(process_events.get_mut(), &mut joiner, &mut outbox);
+    drain_http(http_events.get_mut(), &mut joiner, &mut outbox);
     info!("agent stopped; eBPF programs detach now");
     Ok(())
 }
@@ -280,31 +280,21 @@ fn drain_new(
     }
 }
 
-fn drain_processes(
-    ring: &mut RingBuf<MapData>,
-    joiner: &mut Joiner,
-    metrics: &Metrics,
-    outbox: &mut Outbox<'_>,
-) {
+fn drain_processes(ring: &mut RingBuf<MapData>, joiner: &mut Joiner, outbox: &mut Outbox<'_>) {
     while let Some(item) = ring.next() {
         let Some(r) = sys::decode::<ProcessRecord>(&item) else {
             continue;
         };
         match joiner.process(&r) {
             Ok(ev) => outbox.push(ev),
-            Err(Skip::UnknownCgroup(_)) => metrics.unmatched_records.inc(),
+            Err(Skip::UnknownCgroup(_)) => outbox.metrics.unmatched_records.inc(),
             Err(Skip::Child) => {}
         }
     }
     outbox.flush();
 }
 
-fn drain_http(
-    ring: &mut RingBuf<MapData>,
-    joiner: &mut Joiner,
-    metrics: &Metrics,
-    outbox: &mut Outbox<'_>,
-) {
+fn drain_http(ring: &mut RingBuf<MapData>, joiner: &mut Joiner, outbox: &mut Outbox<'_>) {
     // One record for the whole drain, each item copied over it: only the bytes it carries.
     let mut r: Box<HttpRecord> = Box::new(sys::zeroed());
     while let Some(item) = ring.next() {
@@ -316,7 +306,7 @@ fn drain_http(
         r.head_len = r.head_len.min((n - HTTP_RECORD_MIN) as u32);
         match joiner.http(&r) {
             Ok(ev) => outbox.push(ev),
-            Err(_) => metrics.unmatched_records.inc(),
+            Err(_) => outbox.metrics.unmatched_records.inc(),
         }
     }
     outbox.flush();
@@ -332,9 +322,9 @@ fn sweep(
     exited: &aya::maps::HashMap<MapData, u32, u64>,
     cgroup_mem: &mut aya::maps::HashMap<MapData, u64, CgroupMem>,
     joiner: &mut Joiner,
-    metrics: &Metrics,
     outbox: &mut Outbox<'_>,
 ) {
+    let metrics = outbox.metrics;
     let alive = |tgid: u32| std::path::Path::new(&format!("/proc/{tgid}")).exists();
     let dead: Vec<u64> = conns
         .iter()

@@ -29,15 +29,9 @@ pub fn decode_prefix<T: Record>(bytes: &[u8], min_len: usize) -> Option<T> {
     if bytes.len() < min_len {
         return None;
     }
-    let n = bytes.len().min(mem::size_of::<T>());
-    let mut value = mem::MaybeUninit::<T>::zeroed();
-    // SAFETY: at most size_of::<T>() bytes are copied into the value's own storage, from a
-    // slice holding at least that many; the rest stays zeroed, and `Record` types are
-    // #[repr(C)] integers/byte arrays, for which any bits (zeros included) are valid.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), value.as_mut_ptr().cast::<u8>(), n);
-        Some(value.assume_init())
-    }
+    let mut value = zeroed();
+    decode_prefix_into(bytes, min_len, &mut value);
+    Some(value)
 }
 
 /// [`decode_prefix`] into `value`, whose bytes past the item's end stay as they were (no
