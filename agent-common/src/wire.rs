@@ -3,6 +3,7 @@
 //! Same fields as the JSON event, decoded with the strings borrowed from the body.
 
 use alloc::{borrow::Cow, vec::Vec};
+use core::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +90,38 @@ pub fn decode(body: &[u8]) -> Result<Vec<Usage<'_>>, postcard::Error> {
     } else {
         Err(postcard::Error::DeserializeUnexpectedEnd)
     }
+}
+
+/// Each event of a batch in order, borrowed, with where its own bytes lie in `body` (they
+/// read alone with [`decode_one`], so a receiver can keep the body instead of copies of the
+/// events); the number of events, or why the batch does not read. On an error `each` may
+/// have seen some events already: a caller acts on them only once the whole batch has read.
+pub fn decode_each<'a>(
+    body: &'a [u8],
+    mut each: impl FnMut(Usage<'a>, Range<usize>),
+) -> Result<usize, postcard::Error> {
+    // A sequence is its length (a varint, as a u64 is written) and then its elements.
+    let (n, mut rest): (u64, &[u8]) = postcard::take_from_bytes(body)?;
+    // Every event takes more than 8 bytes: a longer count is a lie, not work to do.
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|n| *n <= rest.len() / 8)
+        .ok_or(postcard::Error::DeserializeBadEncoding)?;
+    for _ in 0..n {
+        let at = body.len() - rest.len();
+        let (usage, after): (Usage<'a>, &[u8]) = postcard::take_from_bytes(rest)?;
+        each(usage, at..body.len() - after.len());
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(postcard::Error::DeserializeUnexpectedEnd);
+    }
+    Ok(n)
+}
+
+/// One event's bytes, as [`decode_each`] located them, borrowed.
+pub fn decode_one(bytes: &[u8]) -> Result<Usage<'_>, postcard::Error> {
+    postcard::from_bytes(bytes)
 }
 
 #[cfg(test)]
@@ -187,6 +220,28 @@ mod tests {
             }
         }
         assert!(encode_each(Lies(2)).is_err());
+    }
+
+    #[test]
+    fn each_event_is_located_and_reads_alone() {
+        let batch: Vec<Usage<'_>> = (0..5).map(usage).collect();
+        let body = encode(&batch).unwrap();
+        let mut seen = Vec::new();
+        assert_eq!(decode_each(&body, |u, at| seen.push((u, at))).unwrap(), 5);
+        assert_eq!(seen.len(), 5);
+        for ((read, at), sent) in seen.iter().zip(&batch) {
+            assert_eq!(read, sent);
+            assert_eq!(&decode_one(&body[at.clone()]).unwrap(), sent);
+        }
+        assert_eq!(decode(&body).unwrap(), batch, "the same events as a whole");
+        assert!(decode_each(&body[..body.len() - 1], |_, _| {}).is_err());
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(decode_each(&longer, |_, _| {}).is_err());
+        // A count of a billion events in a few bytes is refused before any is read.
+        let lie = postcard::to_allocvec(&1_000_000_000u64).unwrap();
+        assert!(decode_each(&lie, |_, _| panic!("no event")).is_err());
+        assert_eq!(decode_each(&encode(&[]).unwrap(), |_, _| {}).unwrap(), 0);
     }
 
     #[test]

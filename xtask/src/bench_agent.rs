@@ -22,6 +22,8 @@
 //! less); `TALLY_BENCH_AGENT_ARMS=ratio` runs only the arms that ratio needs, and
 //! `TALLY_BENCH_AGENT_ARMS=toggle` measures instead by switching one agent off and on every
 //! `--seconds` within one wrk run (`bench_toggle`), for `--rounds` pairs.
+//! `TALLY_BENCH_AGENT_GATEWAY=PATH` runs that gateway binary instead of this tree's (in every
+//! arm and in the toggles), to compare a gateway change against a baseline build.
 //! `TALLY_BENCH_AGENT_FORK=1` also deploys an idle fork-mode function, as a node serving
 //! both kinds has: the agent then attaches `sched_switch` (fork mode's CPU time), which
 //! every context switch of the node runs.
@@ -56,8 +58,19 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     let _cgroups = RemoveCgroups(cgroup_parent.clone());
     // The autoscaler off, as in the other benchmarks: one replica's path in every arm (with
     // it on, the replica count would follow each arm's load and differ between them).
+    // TALLY_BENCH_AGENT_GATEWAY=PATH runs that gateway binary (say, the last commit's
+    // release build) instead of this tree's, to set a gateway change's figures beside it.
+    let gateway_dir = match std::env::var_os("TALLY_BENCH_AGENT_GATEWAY").map(PathBuf::from) {
+        Some(path) if path.file_name() == Some("gateway".as_ref()) && path.is_file() => path
+            .parent()
+            .context("TALLY_BENCH_AGENT_GATEWAY: no directory")?
+            .to_path_buf(),
+        Some(_) => bail!("TALLY_BENCH_AGENT_GATEWAY must name a `gateway` binary"),
+        None => bin.clone(),
+    };
+    eprintln!("gateway: {}", gateway_dir.join("gateway").display());
     let (gateway, url, auth) = start_gateway(
-        &bin,
+        &gateway_dir,
         &data,
         &cgroup_parent,
         &["--autoscaler".into(), "off".into()],

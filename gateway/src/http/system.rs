@@ -83,8 +83,8 @@ pub async fn route(
             );
             let events = gw.usage.query(
                 |e| {
-                    function.is_none_or(|f| f == e.function_name)
-                        && namespace.is_none_or(|n| n == e.namespace)
+                    function.is_none_or(|f| *f == e.function_name)
+                        && namespace.is_none_or(|n| *n == e.namespace)
                         && call_id.is_none_or(|c| e.call_id.as_deref() == Some(c))
                 },
                 limit,
@@ -336,45 +336,48 @@ async fn ingest_usage(
                 .eq_ignore_ascii_case(agent_common::wire::CONTENT_TYPE)
         });
     let bytes = read_limited(req.into_body(), 16 << 20, gw.config.read_timeout).await?;
-    let mut rejected = Vec::new();
-    let mut refuse = |i: usize, why: String| {
-        tracing::warn!(index = i, "usage event refused: {why}");
-        rejected.push(serde_json::json!({"index": i, "error": why}));
-    };
-    // An event that reads can still be absurd (a duration of a year, say): checked in place.
-    let mut checked = |mut events: Vec<crate::metering::UsageEvent>| {
-        let mut i = 0;
-        events.retain(|e| {
-            i += 1;
-            e.problem().map(|why| refuse(i - 1, why)).is_none()
-        });
-        events
-    };
-    // The whole batch in one pass when every event reads (the agent's batches); otherwise
-    // each JSON event on its own, so one unreadable event is refused and named without
-    // refusing the rest of its batch. A postcard batch reads whole or not at all.
-    let parsed = if postcard {
-        Some(crate::metering::ingest::decode_batch(&bytes).map_err(GatewayError::BadRequest)?)
+    use crate::metering::ingest::{self, Stored};
+    // The agent's postcard batch reads whole or not at all, each event checked as it is
+    // read. A JSON batch is read in one pass when every event reads; otherwise each event
+    // on its own, so one unreadable event is refused and named without refusing the rest.
+    // An event that reads can still be absurd (a duration of a year, say): refused too.
+    let (accepted, refused) = if postcard {
+        ingest::check_wire(&bytes).map_err(GatewayError::BadRequest)?
     } else {
-        crate::metering::ingest::parse_batch(&bytes)
-    };
-    let accepted = match parsed {
-        Some(events) => checked(events),
-        None => {
-            let raws = parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?;
-            let mut accepted = Vec::with_capacity(raws.len());
-            for (i, raw) in raws.iter().enumerate() {
-                match parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
-                    .map_err(|e| e.to_string())
-                    .and_then(|e| e.problem().map_or(Ok(e), Err))
-                {
-                    Ok(e) => accepted.push(e),
-                    Err(why) => refuse(i, why),
-                }
+        let mut refused = Vec::new();
+        let accepted = match ingest::parse_batch(&bytes) {
+            Some(mut events) => {
+                let mut i = 0;
+                events.retain(|e| {
+                    i += 1;
+                    e.problem().map(|why| refused.push((i - 1, why))).is_none()
+                });
+                events
             }
-            accepted
-        }
+            None => {
+                let raws = parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?;
+                let mut accepted = Vec::with_capacity(raws.len());
+                for (i, raw) in raws.iter().enumerate() {
+                    match parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
+                        .map_err(|e| e.to_string())
+                        .and_then(|e| e.problem().map_or(Ok(e), Err))
+                    {
+                        Ok(e) => accepted.push(e),
+                        Err(why) => refused.push((i, why)),
+                    }
+                }
+                accepted
+            }
+        };
+        (Stored::Parsed(accepted), refused)
     };
+    let rejected: Vec<serde_json::Value> = refused
+        .into_iter()
+        .map(|(i, why)| {
+            tracing::warn!(index = i, "usage event refused: {why}");
+            serde_json::json!({"index": i, "error": why})
+        })
+        .collect();
     gw.metrics.usage_rejected.inc_by(rejected.len() as u64);
     gw.metrics
         .usage_events
@@ -382,7 +385,7 @@ async fn ingest_usage(
         .inc_by(accepted.len() as u64);
     let n = accepted.len();
     if let Some(meter) = gw.meter.get() {
-        meter.kernel(gw, accepted.iter().cloned());
+        meter.kernel(gw, accepted.iter().map(crate::metering::UsageEvent::from));
     }
     gw.usage.push(accepted);
     Ok(json(

@@ -4,8 +4,11 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Mutex;
 
+use agent_common::wire::{self, Usage};
+use bytes::Bytes;
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 
@@ -64,43 +67,64 @@ fn source<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D
 impl UsageEvent {
     /// Why this event cannot be billed, if it cannot.
     pub fn problem(&self) -> Option<String> {
-        if let Err(e) = FunctionName::check(&self.function_name) {
-            return Some(format!("function_name: {e}"));
-        }
-        if let Err(e) = Namespace::check(&self.namespace) {
-            return Some(format!("namespace: {e}"));
-        }
-        if DateTime::parse_from_rfc3339(&self.started).is_err() {
-            return Some(format!("started {:?} is not an RFC3339 time", self.started));
-        }
-        if self.duration_ns > MAX_DURATION_NS {
-            return Some(format!(
-                "duration_ns {} is more than 7 days",
-                self.duration_ns
-            ));
-        }
-        if self.source != "kernel" {
-            return Some(format!(
-                "source {:?}: only \"kernel\" events are ingested",
-                self.source
-            ));
-        }
-        if let Some(id) = &self.id
-            && (id.is_empty()
-                || id.len() > 64
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-        {
-            return Some(format!(
-                "id {id:?}: 1 to 64 letters, digits, '-' or '_' expected"
-            ));
-        }
-        if self.call_id.as_ref().is_some_and(|c| c.len() > 256) {
-            return Some("call_id is longer than 256 characters".into());
-        }
-        None
+        problem(&self.wire())
     }
+
+    /// This event as the agent's binary batch carries it, borrowing its strings.
+    pub fn wire(&self) -> Usage<'_> {
+        Usage {
+            id: self.id.as_deref().map(Cow::Borrowed),
+            call_id: self.call_id.as_deref().map(Cow::Borrowed),
+            namespace: Cow::Borrowed(&self.namespace),
+            function_name: Cow::Borrowed(&self.function_name),
+            replica: self.replica.as_deref().map(Cow::Borrowed),
+            started: Cow::Borrowed(&self.started),
+            duration_ns: self.duration_ns,
+            status_code: self.status_code,
+            memory_peak_bytes: self.memory_peak_bytes,
+            memory_limit_bytes: self.memory_limit_bytes,
+            cpu_ns: self.cpu_ns,
+            exit_code: self.exit_code,
+            source: Cow::Borrowed(&self.source),
+        }
+    }
+}
+
+/// Why an event cannot be billed, if it cannot.
+pub fn problem(e: &Usage<'_>) -> Option<String> {
+    if let Err(err) = FunctionName::check(&e.function_name) {
+        return Some(format!("function_name: {err}"));
+    }
+    if let Err(err) = Namespace::check(&e.namespace) {
+        return Some(format!("namespace: {err}"));
+    }
+    if DateTime::parse_from_rfc3339(&e.started).is_err() {
+        return Some(format!("started {:?} is not an RFC3339 time", e.started));
+    }
+    if e.duration_ns > MAX_DURATION_NS {
+        return Some(format!("duration_ns {} is more than 7 days", e.duration_ns));
+    }
+    if e.source != "kernel" {
+        return Some(format!(
+            "source {:?}: only \"kernel\" events are ingested",
+            e.source
+        ));
+    }
+    if let Some(id) = &e.id
+        && (id.is_empty()
+            || id.len() > 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        return Some(format!(
+            "id {id:?}: 1 to 64 letters, digits, '-' or '_' expected"
+        ));
+    }
+    if e.call_id.as_ref().is_some_and(|c| c.len() > 256) {
+        return Some("call_id is longer than 256 characters".into());
+    }
+    None
 }
 
 /// A batch of events in one pass, or `None` if the body is not UTF-8 or any event does not
@@ -139,16 +163,29 @@ pub fn parse_batch(body: &[u8]) -> Option<Vec<UsageEvent>> {
     Some(events)
 }
 
-/// A postcard batch (the agent's binary form, [`agent_common::wire`]) as events, or why it
-/// does not read. `source` is shared when it is `"kernel"`, as with JSON.
-pub fn decode_batch(body: &[u8]) -> Result<Vec<UsageEvent>, String> {
-    let batch = agent_common::wire::decode(body)
-        .map_err(|e| format!("invalid {} body: {e}", agent_common::wire::CONTENT_TYPE))?;
-    Ok(batch.into_iter().map(UsageEvent::from).collect())
+/// A postcard batch (the agent's binary form, [`agent_common::wire`]), checked: its accepted
+/// events as the window keeps them (the body and where each lies in it: no copy or
+/// allocation per event) and the refused ones by index with why; or why the batch does not
+/// read (a binary batch is refused whole: it has no readable neighbours).
+pub fn check_wire(body: &[u8]) -> Result<(Stored, Vec<(usize, String)>), String> {
+    let mut at = Vec::new();
+    let mut refused = Vec::new();
+    let mut i = 0;
+    wire::decode_each(body, |usage, range| {
+        match problem(&usage) {
+            None => at.push(range.start as u32..range.end as u32),
+            Some(why) => refused.push((i, why)),
+        }
+        i += 1;
+    })
+    .map_err(|e| format!("invalid {} body: {e}", wire::CONTENT_TYPE))?;
+    // Its own buffer of its own size: the body read may be a slice of a larger one.
+    let body = Bytes::copy_from_slice(body);
+    Ok((Stored::Wire { body, at }, refused))
 }
 
-impl From<agent_common::wire::Usage<'_>> for UsageEvent {
-    fn from(u: agent_common::wire::Usage<'_>) -> Self {
+impl From<Usage<'_>> for UsageEvent {
+    fn from(u: Usage<'_>) -> Self {
         Self {
             id: u.id.map(Cow::into_owned),
             call_id: u.call_id.map(Cow::into_owned),
@@ -170,29 +207,126 @@ impl From<agent_common::wire::Usage<'_>> for UsageEvent {
     }
 }
 
-/// The latest events, oldest dropped first.
-#[derive(Default)]
+/// The accepted events of one batch, as the window keeps them.
+#[derive(Debug)]
+pub enum Stored {
+    /// A postcard batch's body and the byte range of each accepted event in it.
+    Wire { body: Bytes, at: Vec<Range<u32>> },
+    /// Events read from JSON.
+    Parsed(Vec<UsageEvent>),
+}
+
+impl Stored {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Wire { at, .. } => at.len(),
+            Self::Parsed(events) => events.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Event `i`, borrowed (`None` past the end; a `Wire` range always reads: it was read).
+    pub fn get(&self, i: usize) -> Option<Usage<'_>> {
+        match self {
+            Self::Wire { body, at } => {
+                let r = at.get(i)?;
+                wire::decode_one(body.get(r.start as usize..r.end as usize)?).ok()
+            }
+            Self::Parsed(events) => events.get(i).map(UsageEvent::wire),
+        }
+    }
+
+    /// The events in order, borrowed.
+    pub fn iter(&self) -> impl Iterator<Item = Usage<'_>> {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+}
+
+/// The latest events (by default at most [`RECENT_CAPACITY`]), oldest dropped first, kept by batch: an
+/// event costs the window no allocation of its own, and its batch goes when its last
+/// event has left.
 pub struct Recent {
-    events: Mutex<VecDeque<UsageEvent>>,
+    window: Mutex<Window>,
+    capacity: usize,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Self::with_capacity(RECENT_CAPACITY)
+    }
+}
+
+#[derive(Default)]
+struct Window {
+    batches: VecDeque<Stored>,
+    /// Events of the front batch already out of the window.
+    gone: usize,
+    /// Events in the window.
+    len: usize,
 }
 
 impl Recent {
-    pub fn push(&self, batch: impl IntoIterator<Item = UsageEvent>) {
-        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        for e in batch {
-            if events.len() == RECENT_CAPACITY {
-                events.pop_front();
+    /// A window of at most `capacity` events.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            window: Mutex::default(),
+            capacity,
+        }
+    }
+
+    pub fn push(&self, batch: Stored) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.len += batch.len();
+        w.batches.push_back(batch);
+        while w.len > self.capacity {
+            let excess = w.len - self.capacity;
+            let front_left = w.batches.front().map_or(0, |b| b.len() - w.gone);
+            if front_left <= excess {
+                w.batches.pop_front();
+                w.gone = 0;
+                w.len -= front_left;
+            } else {
+                w.gone += excess;
+                w.len -= excess;
             }
-            events.push_back(e);
         }
     }
 
     /// Matching events, oldest first, at most `limit` (the newest ones).
-    pub fn query(&self, keep: impl Fn(&UsageEvent) -> bool, limit: usize) -> Vec<UsageEvent> {
-        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        let matching: Vec<&UsageEvent> = events.iter().filter(|e| keep(e)).collect();
-        let skip = matching.len().saturating_sub(limit);
-        matching.into_iter().skip(skip).cloned().collect()
+    pub fn query(&self, keep: impl Fn(&Usage<'_>) -> bool, limit: usize) -> Vec<UsageEvent> {
+        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let mut matching = Vec::new();
+        // Newest first, so that only the `limit` returned are made owned.
+        'batches: for (k, batch) in w.batches.iter().enumerate().rev() {
+            let first = if k == 0 { w.gone } else { 0 };
+            for i in (first..batch.len()).rev() {
+                if matching.len() == limit {
+                    break 'batches;
+                }
+                if let Some(usage) = batch.get(i)
+                    && keep(&usage)
+                {
+                    matching.push(UsageEvent::from(usage));
+                }
+            }
+        }
+        matching.reverse();
+        matching
+    }
+
+    /// Events in the window.
+    pub fn len(&self) -> usize {
+        self.window.lock().unwrap_or_else(|p| p.into_inner()).len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -254,50 +388,70 @@ mod tests {
         assert_eq!(parse_batch(&[b'[', 0xff, b']']), None);
     }
 
-    #[test]
-    fn a_postcard_batch_reads_as_the_same_events() {
-        use agent_common::wire;
-        fn as_wire(e: &UsageEvent) -> wire::Usage<'_> {
-            wire::Usage {
-                id: e.id.as_deref().map(Cow::Borrowed),
-                call_id: e.call_id.as_deref().map(Cow::Borrowed),
-                namespace: Cow::Borrowed(&e.namespace),
-                function_name: Cow::Borrowed(&e.function_name),
-                replica: e.replica.as_deref().map(Cow::Borrowed),
-                started: Cow::Borrowed(&e.started),
-                duration_ns: e.duration_ns,
-                status_code: e.status_code,
-                memory_peak_bytes: e.memory_peak_bytes,
-                memory_limit_bytes: e.memory_limit_bytes,
-                cpu_ns: e.cpu_ns,
-                exit_code: e.exit_code,
-                source: Cow::Borrowed(&e.source),
-            }
+    fn with_call(i: usize) -> UsageEvent {
+        UsageEvent {
+            call_id: Some(format!("c{i}")),
+            ..event()
         }
-        let e = event();
-        let body = wire::encode(&[as_wire(&e), as_wire(&e)]).unwrap();
-        let read = decode_batch(&body).unwrap();
-        assert_eq!(read, vec![e.clone(), e]);
-        assert!(matches!(read[0].source, Cow::Borrowed(_)));
-        let why = decode_batch(&body[..body.len() - 3]).unwrap_err();
+    }
+
+    fn wire_batch(events: &[UsageEvent]) -> Stored {
+        let body = wire::encode(&events.iter().map(UsageEvent::wire).collect::<Vec<_>>()).unwrap();
+        let (stored, refused) = check_wire(&body).unwrap();
+        assert_eq!(refused, []);
+        stored
+    }
+
+    #[test]
+    fn a_postcard_batch_is_checked_event_by_event() {
+        let good = event();
+        let mut absurd = event();
+        absurd.duration_ns = u64::MAX;
+        let other = with_call(7);
+        let batch = [good.wire(), absurd.wire(), other.wire()];
+        let body = wire::encode(&batch).unwrap();
+        let (stored, refused) = check_wire(&body).unwrap();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, 1, "the refused event is named by its index");
+        assert!(refused[0].1.contains("7 days"), "{}", refused[0].1);
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored.get(0), Some(good.wire()));
+        assert_eq!(stored.get(1), Some(other.wire()));
+        assert_eq!(stored.get(2), None);
+        let owned: Vec<UsageEvent> = stored.iter().map(UsageEvent::from).collect();
+        assert_eq!(owned, vec![good, other]);
+        assert!(matches!(owned[0].source, Cow::Borrowed(_)));
+        let why = check_wire(&body[..body.len() - 3]).unwrap_err();
         assert!(why.contains(wire::CONTENT_TYPE), "{why}");
     }
 
     #[test]
-    fn recent_is_bounded_and_filtered() {
-        let r = Recent::default();
-        r.push((0..5).map(|i| UsageEvent {
-            call_id: Some(format!("c{i}")),
-            ..event()
-        }));
-        let last2 = r.query(|_| true, 2);
+    fn recent_is_bounded_by_event_across_batches_and_filtered() {
+        let r = Recent::with_capacity(5);
+        let events: Vec<UsageEvent> = (0..9).map(with_call).collect();
+        r.push(wire_batch(&events[0..3]));
+        r.push(Stored::Parsed(events[3..6].to_vec()));
+        r.push(Stored::Parsed(Vec::new()));
+        assert_eq!(r.len(), 5, "c0 left, c1..c5 kept");
+        r.push(wire_batch(&events[6..9]));
+        assert_eq!(r.len(), 5);
+        let calls = |got: Vec<UsageEvent>| -> Vec<String> {
+            got.into_iter().map(|e| e.call_id.unwrap()).collect()
+        };
         assert_eq!(
-            last2
-                .iter()
-                .map(|e| e.call_id.clone().unwrap())
-                .collect::<Vec<_>>(),
-            ["c3", "c4"]
+            calls(r.query(|_| true, 100)),
+            ["c4", "c5", "c6", "c7", "c8"]
         );
-        assert_eq!(r.query(|e| e.call_id.as_deref() == Some("c1"), 10).len(), 1);
+        assert_eq!(calls(r.query(|_| true, 2)), ["c7", "c8"]);
+        assert_eq!(r.query(|e| e.call_id.as_deref() == Some("c5"), 10).len(), 1);
+        assert_eq!(r.query(|e| e.call_id.as_deref() == Some("c3"), 10), []);
+        // A batch larger than the window keeps only its newest events.
+        let big: Vec<UsageEvent> = (10..19).map(with_call).collect();
+        r.push(wire_batch(&big));
+        assert_eq!(
+            calls(r.query(|_| true, 100)),
+            ["c14", "c15", "c16", "c17", "c18"]
+        );
+        assert_eq!(r.len(), 5);
     }
 }
