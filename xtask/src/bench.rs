@@ -105,6 +105,21 @@ impl Drop for Bench {
     }
 }
 
+/// The directory of the gateway binary that env var `var` names (a baseline build to
+/// measure beside this tree's), if it is set; an error unless it names a `gateway` file.
+pub(crate) fn gateway_dir_from_env(var: &str) -> Result<Option<PathBuf>> {
+    let Some(path) = std::env::var_os(var).map(PathBuf::from) else {
+        return Ok(None);
+    };
+    if path.file_name() != Some("gateway".as_ref()) || !path.is_file() {
+        bail!("{var} must name a `gateway` binary");
+    }
+    let dir = path
+        .parent()
+        .with_context(|| format!("{var}: no directory"))?;
+    Ok(Some(dir.to_path_buf()))
+}
+
 /// Builds the gateway, hello-rust and the `extra` packages in release; their directory.
 pub(crate) fn release_build(extra: &[&str]) -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");

@@ -33,8 +33,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    Guard, RemoveCgroups, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir, paired_ratio,
-    per_request_us, release_build, start_gateway,
+    Guard, RemoveCgroups, RemoveDir, agent, cpu_ticks, deploy_tiny, fresh_data_dir,
+    gateway_dir_from_env, paired_ratio, per_request_us, release_build, start_gateway,
 };
 use crate::wrk::{self, Wrk};
 use anyhow::{Context as _, Result, bail};
@@ -56,19 +56,12 @@ pub fn run(seconds: u32, rounds: usize, connections: u32) -> Result<()> {
     let cgroup_parent = format!("tally-bench-agent-{}", std::process::id());
     // Declared before the gateway, so dropped after it: the gateway stops first.
     let _cgroups = RemoveCgroups(cgroup_parent.clone());
-    // The autoscaler off, as in the other benchmarks: one replica's path in every arm (with
-    // it on, the replica count would follow each arm's load and differ between them).
     // TALLY_BENCH_AGENT_GATEWAY=PATH runs that gateway binary (say, the last commit's
     // release build) instead of this tree's, to set a gateway change's figures beside it.
-    let gateway_dir = match std::env::var_os("TALLY_BENCH_AGENT_GATEWAY").map(PathBuf::from) {
-        Some(path) if path.file_name() == Some("gateway".as_ref()) && path.is_file() => path
-            .parent()
-            .context("TALLY_BENCH_AGENT_GATEWAY: no directory")?
-            .to_path_buf(),
-        Some(_) => bail!("TALLY_BENCH_AGENT_GATEWAY must name a `gateway` binary"),
-        None => bin.clone(),
-    };
+    let gateway_dir = gateway_dir_from_env("TALLY_BENCH_AGENT_GATEWAY")?.unwrap_or(bin.clone());
     eprintln!("gateway: {}", gateway_dir.join("gateway").display());
+    // The autoscaler off, as in the other benchmarks: one replica's path in every arm (with
+    // it on, the replica count would follow each arm's load and differ between them).
     let (gateway, url, auth) = start_gateway(
         &gateway_dir,
         &data,

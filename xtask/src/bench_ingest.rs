@@ -6,14 +6,13 @@
 //! release build; postcard only if it reads it), measured in the same rounds. The arms'
 //! order rotates each round.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::bench::{
-    Guard, RemoveCgroups, RemoveDir, agent, cpu_ticks, fresh_data_dir, median, per_request_us,
-    release_build, start_gateway,
+    Guard, RemoveCgroups, RemoveDir, agent, cpu_ticks, fresh_data_dir, gateway_dir_from_env,
+    median, per_request_us, release_build, start_gateway,
 };
 use crate::bench_billing::{JSON, POST_EVENTS, as_postcard, post_usage_batch, usage_batch};
 
@@ -58,14 +57,8 @@ pub fn run(rounds: usize) -> Result<()> {
     let bin = release_build(&[])?;
     let http = agent();
     let mut bins = vec![("gateway (this tree)".to_string(), bin.clone())];
-    if let Some(path) = std::env::var_os("TALLY_BENCH_BASELINE_GATEWAY").map(PathBuf::from) {
-        let dir = path
-            .parent()
-            .context("TALLY_BENCH_BASELINE_GATEWAY: no directory")?;
-        if path.file_name() != Some("gateway".as_ref()) || !path.is_file() {
-            bail!("TALLY_BENCH_BASELINE_GATEWAY must name a `gateway` binary");
-        }
-        bins.push((format!("baseline ({})", path.display()), dir.to_path_buf()));
+    if let Some(dir) = gateway_dir_from_env("TALLY_BENCH_BASELINE_GATEWAY")? {
+        bins.push((format!("baseline ({})", dir.join("gateway").display()), dir));
     }
     let mut gateways = Vec::new();
     let mut arms = Vec::new();

@@ -17,6 +17,7 @@ use super::router::text;
 use crate::Gateway;
 use crate::error::GatewayError;
 use crate::logs::Filter;
+use crate::metering::ingest::{self, Stored};
 use crate::names::{FunctionName, FunctionRef, Namespace};
 use crate::types::{DeleteRequest, FunctionDeployment, ScaleRequest};
 
@@ -336,7 +337,6 @@ async fn ingest_usage(
                 .eq_ignore_ascii_case(agent_common::wire::CONTENT_TYPE)
         });
     let bytes = read_limited(req.into_body(), 16 << 20, gw.config.read_timeout).await?;
-    use crate::metering::ingest::{self, Stored};
     // The agent's postcard batch reads whole or not at all, each event checked as it is
     // read. A JSON batch is read in one pass when every event reads; otherwise each event
     // on its own, so one unreadable event is refused and named without refusing the rest.

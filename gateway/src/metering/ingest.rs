@@ -173,6 +173,7 @@ pub fn check_wire(body: &[u8]) -> Result<(Stored, Vec<(usize, String)>), String>
     let mut i = 0;
     wire::decode_each(body, |usage, range| {
         match problem(&usage) {
+            // Offsets fit: the API reads at most 16 MiB of body.
             None => at.push(range.start as u32..range.end as u32),
             Some(why) => refused.push((i, why)),
         }
@@ -180,7 +181,11 @@ pub fn check_wire(body: &[u8]) -> Result<(Stored, Vec<(usize, String)>), String>
     })
     .map_err(|e| format!("invalid {} body: {e}", wire::CONTENT_TYPE))?;
     // Its own buffer of its own size: the body read may be a slice of a larger one.
-    let body = Bytes::copy_from_slice(body);
+    let body = if at.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(body)
+    };
     Ok((Stored::Wire { body, at }, refused))
 }
 
