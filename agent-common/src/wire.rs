@@ -84,12 +84,9 @@ impl<'a, I: ExactSizeIterator<Item = Usage<'a>>> Serialize for Each<I> {
 /// A request body as a batch, its strings borrowed from `body`; an error names what does
 /// not read (the whole batch is refused: a binary batch has no readable neighbours).
 pub fn decode(body: &[u8]) -> Result<Vec<Usage<'_>>, postcard::Error> {
-    let (batch, rest): (Vec<Usage<'_>>, &[u8]) = postcard::take_from_bytes(body)?;
-    if rest.is_empty() {
-        Ok(batch)
-    } else {
-        Err(postcard::Error::DeserializeUnexpectedEnd)
-    }
+    let mut batch = Vec::new();
+    decode_each(body, |usage, _| batch.push(usage))?;
+    Ok(batch)
 }
 
 /// Each event of a batch in order, borrowed, with where its own bytes lie in `body` (they

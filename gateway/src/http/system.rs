@@ -358,7 +358,7 @@ async fn ingest_usage(
                 let raws = parse_json::<Vec<Box<serde_json::value::RawValue>>>(&bytes)?;
                 let mut accepted = Vec::with_capacity(raws.len());
                 for (i, raw) in raws.iter().enumerate() {
-                    match parse_json::<crate::metering::UsageEvent>(raw.get().as_bytes())
+                    match parse_json::<ingest::UsageEvent>(raw.get().as_bytes())
                         .map_err(|e| e.to_string())
                         .and_then(|e| e.problem().map_or(Ok(e), Err))
                     {
@@ -385,7 +385,7 @@ async fn ingest_usage(
         .inc_by(accepted.len() as u64);
     let n = accepted.len();
     if let Some(meter) = gw.meter.get() {
-        meter.kernel(gw, accepted.iter().map(crate::metering::UsageEvent::from));
+        meter.kernel(gw, accepted.iter().map(ingest::UsageEvent::from));
     }
     gw.usage.push(accepted);
     Ok(json(

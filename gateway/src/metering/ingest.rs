@@ -326,12 +326,9 @@ impl Recent {
     }
 
     /// Events in the window.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.window.lock().unwrap_or_else(|p| p.into_inner()).len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
