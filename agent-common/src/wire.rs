@@ -39,17 +39,32 @@ pub struct Usage<'a> {
 
 /// A batch as a request body.
 pub fn encode(batch: &[Usage<'_>]) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_extend(batch, body_buffer(batch.len()))
+    encode_each(batch.iter().cloned())
 }
 
 /// A batch as a request body, from events made one by one (no slice of them collected
 /// first); the bytes are those [`encode`] writes for the same events. An iterator that
 /// yields another count than its `len()` is an error.
+///
+/// Written here field by field in postcard's format (what `postcard::to_allocvec` writes
+/// for the slice, as the tests check): the agent encodes every invocation, and serde's
+/// generic path through `Cow` and `Option` took ≈ 100 ns of its ≈ 450 per event.
 pub fn encode_each<'a>(
     batch: impl ExactSizeIterator<Item = Usage<'a>>,
 ) -> Result<Vec<u8>, postcard::Error> {
     let len = batch.len();
-    postcard::to_extend(&Each(core::cell::Cell::new(Some(batch))), body_buffer(len))
+    let mut out = body_buffer(len);
+    put_varint(&mut out, len as u64);
+    let mut n = 0;
+    for u in batch {
+        put_usage(&mut out, &u);
+        n += 1;
+    }
+    if n != len {
+        // The batch iterator lied about its length.
+        return Err(postcard::Error::SerializeSeqLengthUnknown);
+    }
+    Ok(out)
 }
 
 /// A body's buffer, sized for `events` (≈ 150 bytes each) so that it is not regrown
@@ -58,26 +73,62 @@ fn body_buffer(events: usize) -> Vec<u8> {
     Vec::with_capacity(10 + events.saturating_mul(160))
 }
 
-/// An iterator serialized once, as a sequence of its known length.
-struct Each<I>(core::cell::Cell<Option<I>>);
+/// One event as postcard writes the struct: its fields in order, without names.
+fn put_usage(out: &mut Vec<u8>, u: &Usage<'_>) {
+    put_opt_str(out, u.id.as_deref());
+    put_opt_str(out, u.call_id.as_deref());
+    put_str(out, &u.namespace);
+    put_str(out, &u.function_name);
+    put_opt_str(out, u.replica.as_deref());
+    put_str(out, &u.started);
+    put_varint(out, u.duration_ns);
+    put_varint(out, u.status_code.into());
+    put_varint(out, u.memory_peak_bytes);
+    put_opt_varint(out, u.memory_limit_bytes);
+    put_opt_varint(out, u.cpu_ns);
+    // A signed integer is zigzagged first: 0, -1, 1, -2, ... as 0, 1, 2, 3, ...
+    put_opt_varint(
+        out,
+        u.exit_code
+            .map(|c| u64::from(((c << 1) ^ (c >> 31)) as u32)),
+    );
+    put_str(out, &u.source);
+}
 
-impl<'a, I: ExactSizeIterator<Item = Usage<'a>>> Serialize for Each<I> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{Error, SerializeSeq};
-        let Some(batch) = self.0.take() else {
-            return Err(S::Error::custom("a batch iterator serializes once"));
-        };
-        let len = batch.len();
-        let mut seq = s.serialize_seq(Some(len))?;
-        let mut n = 0;
-        for u in batch {
-            seq.serialize_element(&u)?;
-            n += 1;
+/// An unsigned integer (of any width) as a varint: 7 bits a byte, low first, the high bit
+/// set on every byte but the last.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A string: its length as a varint, then its bytes.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// An option: a 0 byte for `None`, a 1 byte and the value for `Some`.
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_str(out, s);
         }
-        if n != len {
-            return Err(S::Error::custom("the batch iterator lied about its length"));
+    }
+}
+
+fn put_opt_varint(out: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            put_varint(out, v);
         }
-        seq.end()
     }
 }
 
