@@ -12,7 +12,7 @@ pub struct UsageEvent {
     /// it in the spool: every resend carries the same id, so the gateway bills it once.
     /// (Segments spooled by an agent older than ids get one when read back.)
     #[serde(default = "new_id")]
-    pub id: String,
+    pub id: Text<36>,
     /// `X-Call-Id` of the request (http) or `Http_X_Call_Id` of the process (fork); `None`
     /// when the invocation carried none.
     pub call_id: Option<String>,
@@ -23,7 +23,7 @@ pub struct UsageEvent {
     pub replica: Arc<str>,
     /// When the request's first bytes reached the function (http) or the process exec'd
     /// (fork): RFC 3339 with nanoseconds.
-    pub started: String,
+    pub started: Text<32>,
     /// Request read → last response byte written (http); exec → exit (fork).
     pub duration_ns: u64,
     /// The response status (http; 0 if none was written), or 200/500 from the exit code (fork).
@@ -65,10 +65,103 @@ impl UsageEvent {
 pub const SOURCE: Cow<'static, str> = Cow::Borrowed("kernel");
 
 /// A fresh event id: a random (v4) UUID.
-pub fn new_id() -> String {
+pub fn new_id() -> Text<36> {
     let mut buf = uuid::Uuid::encode_buffer();
-    uuid::Uuid::new_v4()
-        .hyphenated()
-        .encode_lower(&mut buf)
-        .to_owned()
+    Text::new(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf)).unwrap_or_default()
+}
+
+/// A string of at most `N` bytes kept inline: an event's id and `started` are made for every
+/// invocation and freed with it on the forwarder's thread, so they cost no allocation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Text<const N: usize> {
+    len: u8,
+    buf: [u8; N],
+}
+
+impl<const N: usize> Default for Text<N> {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            buf: [0; N],
+        }
+    }
+}
+
+impl<const N: usize> Text<N> {
+    /// `s`, or `None` if it is longer than `N` bytes.
+    pub fn new(s: &str) -> Option<Self> {
+        let len = u8::try_from(s.len())
+            .ok()
+            .filter(|n| usize::from(*n) <= N)?;
+        let mut t = Self { len, buf: [0; N] };
+        t.buf[..s.len()].copy_from_slice(s.as_bytes());
+        Some(t)
+    }
+
+    pub fn as_str(&self) -> &str {
+        let bytes = &self.buf[..usize::from(self.len)];
+        // SAFETY: only `new` writes the buffer, with the bytes of a whole `&str`.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+}
+
+impl<const N: usize> std::ops::Deref for Text<N> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for Text<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl<const N: usize> std::fmt::Display for Text<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for Text<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<const N: usize> Serialize for Text<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for Text<N> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <Cow<'de, str>>::deserialize(d)?;
+        Self::new(&s).ok_or_else(|| {
+            serde::de::Error::invalid_length(s.len(), &format!("at most {N} bytes").as_str())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_holds_what_fits_and_reads_back_as_json() {
+        let id = new_id();
+        assert_eq!(id.len(), 36);
+        assert_ne!(id, new_id());
+        assert!(Text::<4>::new("abcde").is_none(), "too long");
+        let t = Text::<8>::new("ab\"é").expect("fits");
+        assert_eq!(t, "ab\"é");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, r#""ab\"é""#);
+        assert_eq!(serde_json::from_str::<Text<8>>(&json).unwrap(), t);
+        let long = serde_json::from_str::<Text<8>>(r#""123456789""#).unwrap_err();
+        assert!(long.to_string().contains("at most 8 bytes"), "{long}");
+        assert_eq!(Text::<8>::default(), "");
+    }
 }

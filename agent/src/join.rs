@@ -10,7 +10,10 @@ use std::{
 use agent_common::{HttpRecord, ProcessRecord, proc_flag, rfc3339::Rfc3339};
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::{event::UsageEvent, records};
+use crate::{
+    event::{Text, UsageEvent},
+    records,
+};
 
 /// What the joiner needs to know about a watched cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,22 +103,27 @@ impl Joiner {
             .or_else(|| self.gone.get(&cgroup_id).map(|(i, _)| i))
     }
 
-    fn rfc3339(&mut self, mono_ns: u64) -> String {
+    /// `mono_ns` as the wall-clock time it was, in RFC 3339 (30 bytes: the time is at most
+    /// `i64::MAX` ns after 1970, in the year 2262).
+    fn rfc3339(&mut self, mono_ns: u64) -> Text<32> {
         let ns = (mono_ns as i128 + self.clock_offset).clamp(0, i64::MAX as i128) as i64;
         let (secs, nanos) = ((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
         if let Some((s, text)) = &mut self.last_second
             && *s == secs
         {
             text.set_nanos(nanos);
-            return text.as_str().to_owned();
+            return Text::new(text.as_str()).unwrap_or_default();
         }
         match Rfc3339::from_unix(secs, nanos) {
             Some(fast) => {
                 self.last_second = Some((secs, fast));
-                fast.as_str().to_owned()
+                Text::new(fast.as_str()).unwrap_or_default()
             }
-            None => DateTime::<Utc>::from_timestamp_nanos(ns)
-                .to_rfc3339_opts(SecondsFormat::Nanos, true),
+            None => Text::new(
+                &DateTime::<Utc>::from_timestamp_nanos(ns)
+                    .to_rfc3339_opts(SecondsFormat::Nanos, true),
+            )
+            .unwrap_or_default(),
         }
     }
 

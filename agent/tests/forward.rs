@@ -16,7 +16,7 @@ use std::{
 use agent::{
     auth::Credentials,
     config::IngestFormat,
-    event::UsageEvent,
+    event::{Text, UsageEvent},
     forward::{EventSink as _, ForwarderConfig, HttpForwarder, Spool},
     metrics::Metrics,
 };
@@ -104,12 +104,12 @@ fn read_batch(content_type: &str, body: &[u8]) -> Vec<UsageEvent> {
     batch
         .into_iter()
         .map(|u| UsageEvent {
-            id: u.id.expect("an id").into_owned(),
+            id: Text::new(&u.id.expect("an id")).expect("an id's length"),
             call_id: u.call_id.map(|c| c.into_owned()),
             namespace: u.namespace.as_ref().into(),
             function_name: u.function_name.as_ref().into(),
             replica: u.replica.expect("a replica").as_ref().into(),
-            started: u.started.into_owned(),
+            started: Text::new(&u.started).expect("started's length"),
             duration_ns: u.duration_ns,
             status_code: u.status_code,
             memory_peak_bytes: u.memory_peak_bytes,
@@ -123,12 +123,12 @@ fn read_batch(content_type: &str, body: &[u8]) -> Vec<UsageEvent> {
 
 fn event(i: usize) -> UsageEvent {
     UsageEvent {
-        id: format!("00000000-0000-4000-8000-{i:012}"),
+        id: Text::new(&format!("00000000-0000-4000-8000-{i:012}")).unwrap(),
         call_id: Some(format!("call-{i}")),
         namespace: "openfaas-fn".into(),
         function_name: "env".into(),
         replica: "env-0".into(),
-        started: "2026-01-01T00:00:00.000000001Z".into(),
+        started: Text::new("2026-01-01T00:00:00.000000001Z").unwrap(),
         duration_ns: 1_000 + i as u64,
         status_code: 200,
         memory_peak_bytes: 1 << 20,
@@ -465,12 +465,12 @@ async fn outage_spills_to_disk_and_a_restart_sends_everything_in_order() {
         call_ids(0..320),
         "each exactly once, in order"
     );
-    let sent_ids: Vec<String> = got
+    let sent_ids: Vec<Text<36>> = got
         .events
         .lock()
         .expect("lock")
         .iter()
-        .map(|e| e.id.clone())
+        .map(|e| e.id)
         .collect();
     assert_eq!(
         sent_ids,

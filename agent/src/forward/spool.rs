@@ -230,15 +230,16 @@ fn parse_name(name: &str) -> Option<(u64, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Text;
 
     fn ev(i: usize) -> UsageEvent {
         UsageEvent {
-            id: format!("00000000-0000-4000-8000-{i:012}"),
+            id: Text::new(&format!("00000000-0000-4000-8000-{i:012}")).unwrap(),
             call_id: Some(format!("c{i}")),
             namespace: "openfaas-fn".into(),
             function_name: "f".into(),
             replica: "f-0".into(),
-            started: "2026-01-01T00:00:00.000000001Z".into(),
+            started: Text::new("2026-01-01T00:00:00.000000001Z").unwrap(),
             duration_ns: i as u64,
             status_code: 200,
             memory_peak_bytes: 1,
@@ -279,7 +280,7 @@ mod tests {
         let mut event_ids = Vec::new();
         while let Some(Ok((seq, events))) = s.oldest() {
             got.extend(ids(&events));
-            event_ids.extend(events.iter().map(|e| e.id.clone()));
+            event_ids.extend(events.iter().map(|e| e.id));
             s.remove(seq);
         }
         assert_eq!(got, ["c1", "c2", "c3", "c4", "c5"]);
