@@ -72,7 +72,7 @@ pub fn new_id() -> Text<36> {
 
 /// A string of at most `N` bytes kept inline: an event's id and `started` are made for every
 /// invocation and freed with it on the forwarder's thread, so they cost no allocation.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Text<const N: usize> {
     len: u8,
     buf: [u8; N],
@@ -90,6 +90,7 @@ impl<const N: usize> Default for Text<N> {
 impl<const N: usize> Text<N> {
     /// `s`, or `None` if it is longer than `N` bytes.
     pub fn new(s: &str) -> Option<Self> {
+        const { assert!(N <= u8::MAX as usize, "the length is kept in a byte") };
         let len = u8::try_from(s.len())
             .ok()
             .filter(|n| usize::from(*n) <= N)?;
