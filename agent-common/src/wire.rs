@@ -39,7 +39,7 @@ pub struct Usage<'a> {
 
 /// A batch as a request body.
 pub fn encode(batch: &[Usage<'_>]) -> Result<Vec<u8>, postcard::Error> {
-    encode_each(batch.iter().cloned())
+    write_batch(batch.len(), batch.iter())
 }
 
 /// A batch as a request body, from events made one by one (no slice of them collected
@@ -53,12 +53,19 @@ pub fn encode(batch: &[Usage<'_>]) -> Result<Vec<u8>, postcard::Error> {
 pub fn encode_each<'a>(
     batch: impl ExactSizeIterator<Item = Usage<'a>>,
 ) -> Result<Vec<u8>, postcard::Error> {
-    let len = batch.len();
+    write_batch(batch.len(), batch)
+}
+
+/// The body of `len` events, owned or borrowed (no event is cloned to be written).
+fn write_batch<'a>(
+    len: usize,
+    batch: impl Iterator<Item = impl core::borrow::Borrow<Usage<'a>>>,
+) -> Result<Vec<u8>, postcard::Error> {
     let mut out = body_buffer(len);
     put_varint(&mut out, len as u64);
     let mut n = 0;
     for u in batch {
-        put_usage(&mut out, &u);
+        put_usage(&mut out, u.borrow());
         n += 1;
     }
     if n != len {
